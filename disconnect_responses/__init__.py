@@ -2,8 +2,8 @@
 the client goes away."""
 
 from ._race import Outcome, stopping
-from .responses import StreamingResponse
+from .responses import FileResponse, StreamingResponse
 
 __version__ = "0.1.0"
 
-__all__ = ["Outcome", "StreamingResponse", "__version__", "stopping"]
+__all__ = ["FileResponse", "Outcome", "StreamingResponse", "__version__", "stopping"]

@@ -8,13 +8,17 @@ sets the ``Outcome``. ``finish`` then closes the body iterator and runs the back
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import inspect
 import logging
+import signal
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextvars import ContextVar
+from types import FrameType
 from typing import Generic, Literal, TypeVar
 
 import anyio
@@ -51,6 +55,8 @@ class Outcome(str, enum.Enum):
     """The task running the response was cancelled from outside."""
     ERROR = "error"
     """The body raised; the exception is re-raised after the cleanup."""
+    TRUNCATED = "truncated"
+    """The body's source ended early (a file shrank while it was sent): the response was cut short."""
 
 
 _stopping: ContextVar[anyio.Event] = ContextVar("disconnect_responses.stopping")
@@ -77,30 +83,40 @@ class _Stopped(Exception):
 
 
 class Race:
-    def __init__(self, scope: Scope, receive: Receive, send: Send, send_timeout: float | None) -> None:
+    def __init__(
+        self, scope: Scope, receive: Receive, send: Send, send_timeout: float | None, cleanup_timeout: float
+    ) -> None:
         self.outcome: Outcome | None = None
         self.error: Exception | None = None
         self.bytes_sent = 0
         self.stopping = anyio.Event()
+        self._stopped = False
         self._scope = scope
         self._receive = receive
         self._send = send
         self._send_timeout = send_timeout
+        self._cleanup_timeout = cleanup_timeout
         self._send_began: float | None = None
         self._unyielded = 0
         self._final_sent = False
+        self._open_ended: bool | None = None
         self._started = time.monotonic()
         self._body_scope = anyio.CancelScope()
 
     def stop(self, outcome: Outcome) -> None:
         if self.outcome is None:
             self.outcome = outcome
+        self._stopped = True
         self.stopping.set()
         self._body_scope.cancel()
 
     async def run(self, body: Callable[[Send], Awaitable[None]]) -> None:
-        """Run ``body(send)`` until it completes, fails, or the race is stopped."""
-        token = _stopping.set(self.stopping)
+        """Run ``body(send)`` until it completes, fails, or the race is stopped.
+
+        ``stopping()`` answers from here to the end of ``finish()``, which must follow.
+        """
+        self._stopping_token = _stopping.set(self.stopping)
+        _shutdown_watch.add(self)
         try:
             async with anyio.create_task_group() as task_group:
                 if self._scope["type"] == "http":
@@ -118,19 +134,35 @@ class Race:
                     else:
                         self.stop(Outcome.COMPLETED)
                 task_group.cancel_scope.cancel()
+            if self.outcome is Outcome.SHUTDOWN:
+                await self._end_open_body()
         except anyio.get_cancelled_exc_class():
             self.stop(Outcome.CANCELLED)
             raise
         finally:
-            _stopping.reset(token)
+            _shutdown_watch.discard(self)
             if self.outcome not in (Outcome.COMPLETED, Outcome.ERROR):
                 self._log_interruption()
 
+    async def _end_open_body(self) -> None:
+        # An endless stream (no content-length) ends with a proper last chunk, so that the server
+        # can close the connection and exit, and an event-stream client sees a clean end and
+        # reconnects; a body of declared length is left short for the server to close.
+        if not self._open_ended or self._final_sent:
+            return
+        with anyio.move_on_after(self._cleanup_timeout):
+            try:
+                await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+            except (OSError, ClientDisconnect):
+                pass
+
     async def send(self, message: Message) -> None:
-        if self.stopping.is_set():
+        if self._stopped:
             raise _Stopped
         more_body = message.get("more_body", False)
-        if not more_body and message["type"] == "http.response.body":
+        if message["type"] == "http.response.start":
+            self._open_ended = all(name.lower() != b"content-length" for name, _ in message.get("headers", ()))
+        elif not more_body:
             # From here on the listener's http.disconnect may just be the end of this response.
             self._final_sent = True
         if self._send_timeout is not None:
@@ -143,6 +175,9 @@ class Race:
         self._send_began = None
         sent = len(message.get("body", b""))
         self.bytes_sent += sent
+        if self._stopped and not self._final_sent:
+            # The race was decided while this send waited: pull nothing more from the producer.
+            raise _Stopped
         self._unyielded += sent
         if self._unyielded >= YIELD_EVERY_BYTES and more_body:
             self._unyielded = 0
@@ -184,31 +219,80 @@ class Race:
         close: Callable[[], Awaitable[None]],
         background: BackgroundTask | None,
         policy: BackgroundPolicy,
-        cleanup_timeout: float,
     ) -> None:
         """Close the body's source, then run the background task if the policy says so.
 
-        The close is shielded and bounded by ``cleanup_timeout``: it runs whatever stopped the body.
-        After an outside cancellation (a server shutting down) the background task is shielded and
-        bounded by the same timeout too; otherwise it runs as Starlette runs it.
+        The close runs shielded and bounded by ``cleanup_timeout``, whatever stopped the body. After
+        an outside cancellation (a server shutting down) the background task does too; otherwise it
+        runs as Starlette runs it, and its errors propagate.
         """
         cancelled = self.outcome is Outcome.CANCELLED
-        with anyio.CancelScope(shield=True) as scope:
-            scope.deadline = anyio.current_time() + cleanup_timeout
-            try:
-                await close()
-            except Exception:
-                logger.exception("Closing the body iterator failed")
-        if scope.cancelled_caught:
-            logger.warning("The body iterator did not close within %s s; left to finish on its own", cleanup_timeout)
-        if background is None or (policy == "completed" and self.outcome is not Outcome.COMPLETED):
-            return
-        with anyio.CancelScope(shield=cancelled) as scope:
-            if cancelled:
-                scope.deadline = anyio.current_time() + cleanup_timeout
-            await background()
-        if scope.cancelled_caught:
-            logger.warning("The background task did not finish within %s s of the cancellation", cleanup_timeout)
+        try:
+            interrupted = await shielded(close, self._cleanup_timeout, "closing the body iterator", cancelled)
+            if background is not None and (policy == "always" or self.outcome is Outcome.COMPLETED):
+                if cancelled or interrupted:
+                    interrupted |= await shielded(background, self._cleanup_timeout, "the background task", True)
+                else:
+                    await background()
+        finally:
+            _stopping.reset(self._stopping_token)
+        if interrupted:
+            raise asyncio.CancelledError
+
+
+async def shielded(func: Callable[[], Awaitable[object]], limit: float, what: str, teardown: bool) -> bool:
+    """Await ``func()`` to its end or for ``limit`` seconds, whatever cancels the caller meanwhile.
+
+    Its errors are logged, not raised: this runs while something else ends the response. A shielded
+    cancel scope is enough on trio. On asyncio a server may also cancel the task natively, again
+    and again, which no cancel scope can stop: there ``func()`` runs in a task of its own while the
+    caller waits for it. Returns whether the caller swallowed a native cancellation meanwhile, to
+    be re-raised once its cleanup is done.
+
+    ``teardown`` says the server is cancelling its requests: hypercorn's CLI worker does after its
+    graceful timeout, then returns, and ``asyncio.run`` cancels every task left, cleanup included.
+    Then the task refuses ``cancel()`` (anyio timeouts inside ``func()`` wait for ``limit`` too),
+    which keeps the event loop alive until the cleanup is done or ``limit`` has passed.
+    """
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = None
+    cancelled = False
+    with anyio.CancelScope(shield=True):
+        if loop is None:
+            with anyio.move_on_after(limit) as scope:
+                await _logging_errors(func, what)
+            finished = not scope.cancelled_caught
+        else:
+            task_class = _Uncancellable if teardown else asyncio.Task
+            task = task_class(_logging_errors(func, what), loop=loop)
+            deadline = loop.time() + limit
+            while not task.done() and loop.time() < deadline:
+                try:
+                    await asyncio.wait({task}, timeout=deadline - loop.time())
+                except asyncio.CancelledError:
+                    cancelled = True
+            finished = task.done()
+            if not finished:
+                asyncio.Task.cancel(task)
+    if not finished:
+        logger.warning("Gave up waiting for %s after %s s; it may still finish on its own", what, limit)
+    return cancelled
+
+
+class _Uncancellable(asyncio.Task[None]):
+    """A task that ignores ``cancel()``; its owner cancels it with ``asyncio.Task.cancel(task)``."""
+
+    def cancel(self, msg: object = None) -> bool:
+        return False
+
+
+async def _logging_errors(func: Callable[[], Awaitable[object]], what: str) -> None:
+    try:
+        await func()
+    except Exception:
+        logger.exception("Error in %s", what)
 
 
 async def close_iterator(iterator: object) -> None:
@@ -289,4 +373,83 @@ class SyncIterator(Generic[T]):
             await anyio.to_thread.run_sync(self._close)
 
 
-__all__ = ["Outcome", "Race", "SyncIterator", "close_iterator", "stopping"]
+_SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class _ChainedHandler:
+    """A signal handler that stops every live response, then calls the server's own handler."""
+
+    def __init__(self, watch: _ShutdownWatch, previous: Callable[[int, FrameType | None], object]) -> None:
+        self.watch = watch
+        self.previous = previous
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.watch.shut_down()
+        self.previous(signum, frame)
+
+
+class _ShutdownWatch:
+    """Stops live responses when the server process is told to shut down.
+
+    Servers that shut down gracefully on SIGINT/SIGTERM (uvicorn, hypercorn serving in-process)
+    wait for open responses to finish, so an endless stream keeps them alive until a second signal
+    (uvicorn #451). Each response, as it starts, makes sure the handler installed by the server is
+    chained behind ours. Where no such handler exists in this process (hypercorn's CLI worker, a
+    server running outside the main thread), the server's own cancellation is the only way out;
+    that is logged once, and the cancellation path still closes iterators and runs background tasks.
+    """
+
+    def __init__(self) -> None:
+        self._live: dict[Race, Callable[..., object]] = {}
+        self._stopping_all = False
+        self._fallback_logged = False
+
+    def add(self, race: Race) -> None:
+        if self._hooked():
+            if self._stopping_all:
+                race.stop(Outcome.SHUTDOWN)
+            self._live[race] = _thread_safe_caller()
+
+    def discard(self, race: Race) -> None:
+        self._live.pop(race, None)
+
+    def shut_down(self) -> None:
+        # Runs inside a signal handler, between two bytecodes of whatever the main thread was
+        # doing: only hand the work to each response's event loop.
+        self._stopping_all = True
+        for race, call_soon in list(self._live.items()):
+            call_soon(race.stop, Outcome.SHUTDOWN)
+
+    def _hooked(self) -> bool:
+        if threading.current_thread() is not threading.main_thread():
+            self._log_fallback("the server runs its event loop outside the main thread")
+            return False
+        for signum in _SHUTDOWN_SIGNALS:
+            current = signal.getsignal(signum)
+            if isinstance(current, _ChainedHandler):
+                continue
+            if not callable(current) or current is signal.default_int_handler:
+                self._log_fallback(f"no server handler for {signal.Signals(signum).name} in this process")
+                return False
+            # A server installed its handler after our last look: a new server, a new shutdown.
+            self._stopping_all = False
+            signal.signal(signum, _ChainedHandler(self, current))
+        return True
+
+    def _log_fallback(self, reason: str) -> None:
+        if not self._fallback_logged:
+            self._fallback_logged = True
+            logger.info("Streams cannot stop on a shutdown signal (%s); they end when the server cancels them", reason)
+
+
+def _thread_safe_caller() -> Callable[..., object]:
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            return trio.lowlevel.current_trio_token().run_sync_soon  # type: ignore[no-any-return]
+        except RuntimeError:
+            pass
+    return asyncio.get_running_loop().call_soon_threadsafe
+
+
+_shutdown_watch = _ShutdownWatch()

@@ -1,0 +1,630 @@
+"""FileResponse's own behaviour, with hand-written ASGI servers (``receive``/``send``) on asyncio and trio."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import anyio
+import anyio.abc
+import pytest
+from starlette.background import BackgroundTask
+from starlette.types import Message, Scope
+
+import disconnect_responses.responses
+from disconnect_responses import FileResponse, Outcome, stopping
+
+pytestmark = pytest.mark.anyio
+
+SIZE = 3 * 1024 * 1024 + 123
+LOGGER = "disconnect_responses"
+
+
+@pytest.fixture
+def data() -> bytes:
+    return os.urandom(SIZE)
+
+
+@pytest.fixture
+def file(tmp_path: Path, data: bytes) -> Path:
+    path = tmp_path / "data.bin"
+    path.write_bytes(data)
+    return path
+
+
+def append(path: Path, extra: bytes) -> None:
+    with open(path, "ab") as handle:
+        handle.write(extra)
+
+
+class OpenedFiles:
+    """The descriptors FileResponse opened, recorded by wrapping ``os.open``."""
+
+    def __init__(self) -> None:
+        self.fds: list[tuple[int, os.stat_result]] = []
+
+    def only(self) -> int:
+        assert len(self.fds) == 1, self.fds
+        return self.fds[0][0]
+
+    def closed(self) -> bool:
+        """Whether every recorded descriptor is closed (or reused for some other file since)."""
+        for fd, opened in self.fds:
+            try:
+                now = os.fstat(fd)
+            except OSError as exc:
+                assert exc.errno == errno.EBADF
+                continue
+            if (now.st_dev, now.st_ino) == (opened.st_dev, opened.st_ino):
+                return False
+        return True
+
+
+@pytest.fixture
+def opened(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> OpenedFiles:
+    files = OpenedFiles()
+    real_open = os.open
+
+    def recording_open(path: str, flags: int, *args: int, **kwargs: object) -> int:
+        fd = real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]
+        if str(path).startswith(str(tmp_path)):
+            files.fds.append((fd, os.fstat(fd)))
+        return fd
+
+    monkeypatch.setattr(os, "open", recording_open)
+    return files
+
+
+def http_scope(
+    headers: list[tuple[str, str]] | None = None,
+    method: str = "GET",
+    spec_version: str = "2.3",
+    http_version: str = "1.1",
+    extensions: dict[str, object] | None = None,
+) -> Scope:
+    scope: Scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": spec_version},
+        "http_version": http_version,
+        "method": method,
+        "path": "/",
+        "headers": [(key.encode(), value.encode()) for key, value in headers or []],
+    }
+    if extensions is not None:
+        scope["extensions"] = extensions
+    return scope
+
+
+class FakeServer:
+    """``receive``/``send`` for one response; ``on_body`` runs after each body message is taken."""
+
+    def __init__(self, on_body: Callable[[FakeServer, Message], Awaitable[None]] | None = None) -> None:
+        self.messages: list[Message] = []
+        self.disconnected = anyio.Event()
+        self.on_body = on_body
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(message.get("body", b"") for message in self.messages[1:])
+
+    @property
+    def body_messages(self) -> list[Message]:
+        return [message for message in self.messages if message["type"] == "http.response.body"]
+
+    async def receive(self) -> Message:
+        await self.disconnected.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: Message) -> None:
+        self.messages.append(message)
+        if message["type"] == "http.response.body" and self.on_body is not None:
+            await self.on_body(self, message)
+
+
+class Background:
+    """A background task that records whether the file was closed when it started."""
+
+    def __init__(self, opened: OpenedFiles) -> None:
+        self.opened = opened
+        self.runs: list[bool] = []
+
+    def __call__(self) -> None:
+        self.runs.append(self.opened.closed())
+
+    def task(self) -> BackgroundTask:
+        return BackgroundTask(self)
+
+
+async def call(response: FileResponse, scope: Scope, server: FakeServer) -> None:
+    with anyio.fail_after(5):
+        await response(scope, server.receive, server.send)
+    server.disconnected.set()
+
+
+@pytest.fixture
+def fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every client counts as fast after the first 128 KiB: large chunks and the read-ahead."""
+    monkeypatch.setattr(disconnect_responses.responses, "_FAST_AFTER", 128 * 1024)
+    monkeypatch.setattr(disconnect_responses.responses, "_RATE_WINDOW", 64 * 1024)
+    monkeypatch.setattr(disconnect_responses.responses, "_FAST_RATE", 1)
+
+
+@pytest.fixture(params=["page-cache", "worker-thread"])
+def read_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with reads answered from the page cache in the loop, and with every read in a thread."""
+    if request.param == "worker-thread":
+        monkeypatch.setattr(disconnect_responses.responses, "_RWF_NOWAIT", None)
+    elif disconnect_responses.responses._RWF_NOWAIT is None:
+        pytest.skip("RWF_NOWAIT is Linux only")
+    return str(request.param)
+
+
+RANGES = [
+    pytest.param([], id="plain"),
+    pytest.param([("range", "bytes=1000-")], id="single-range"),
+    pytest.param([("range", "bytes=0-99,1000-")], id="multi-range"),
+]
+
+
+# Completion
+
+
+@pytest.mark.usefixtures("read_path")
+@pytest.mark.parametrize("speed", ["slow", "fast"])
+@pytest.mark.parametrize("headers", RANGES)
+async def test_divergence_11_bytes_identical_at_every_pace(
+    request: pytest.FixtureRequest,
+    file: Path,
+    data: bytes,
+    opened: OpenedFiles,
+    headers: list[tuple[str, str]],
+    speed: str,
+) -> None:
+    """Whatever the chunk size and read path, the body is the file's bytes, and the file is closed."""
+    if speed == "fast":
+        request.getfixturevalue("fast")
+    background = Background(opened)
+    response = FileResponse(file, background=background.task())
+    server = FakeServer()
+    await call(response, http_scope(headers), server)
+    if not headers:
+        assert server.body == data
+    elif headers[0][1] == "bytes=1000-":
+        assert server.body == data[1000:]
+    else:
+        assert data[:100] in server.body
+        assert data[1000:] in server.body
+    assert server.messages[-1]["more_body"] is False
+    assert all(message["more_body"] for message in server.messages[1:-1])
+    assert response.outcome is Outcome.COMPLETED
+    assert background.runs == [True]
+    sizes = {len(message["body"]) for message in server.body_messages if len(message["body"]) > 200}
+    if speed == "fast":
+        assert FileResponse.max_chunk_size in sizes
+    else:
+        assert sizes <= {
+            FileResponse.chunk_size,
+            (SIZE - 1000) % FileResponse.chunk_size,
+            SIZE % FileResponse.chunk_size,
+        }
+
+
+async def test_divergence_11_empty_file(tmp_path: Path) -> None:
+    path = tmp_path / "empty"
+    path.write_bytes(b"")
+    server = FakeServer()
+    response = FileResponse(path)
+    await call(response, http_scope(), server)
+    assert server.messages[1:] == [{"type": "http.response.body", "body": b"", "more_body": False}]
+    assert response.outcome is Outcome.COMPLETED
+
+
+# Disconnects
+
+
+@pytest.mark.usefixtures("read_path")
+@pytest.mark.parametrize("speed", ["slow", "fast"])
+@pytest.mark.parametrize("headers", RANGES)
+async def test_divergence_3_disconnect_stops_within_one_chunk(
+    request: pytest.FixtureRequest, file: Path, opened: OpenedFiles, headers: list[tuple[str, str]], speed: str
+) -> None:
+    """After http.disconnect, at most one more body chunk reaches the server; then close, then background."""
+    if speed == "fast":
+        request.getfixturevalue("fast")
+    sent_after: list[Message] = []
+
+    async def disconnect_at_half(server: FakeServer, message: Message) -> None:
+        if server.disconnected.is_set():
+            sent_after.append(message)
+        elif len(server.body) > SIZE // 2:
+            server.disconnected.set()
+        await anyio.lowlevel.checkpoint()
+
+    background = Background(opened)
+    response = FileResponse(file, background=background.task())
+    server = FakeServer(disconnect_at_half)
+    await call(response, http_scope(headers), server)
+    assert response.outcome is Outcome.DISCONNECTED
+    assert len(sent_after) <= 1
+    # A send cancelled inside the server is not counted.
+    assert response.bytes_sent in (len(server.body), len(server.body) - len(server.messages[-1]["body"]))
+    assert background.runs == [True]
+
+
+@pytest.mark.parametrize("headers", RANGES)
+async def test_divergence_2_oserror_on_send_with_spec_2_4(
+    file: Path, opened: OpenedFiles, headers: list[tuple[str, str]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Spec 2.4: send() raises OSError once the client has gone; nothing escapes, the cleanup runs."""
+
+    async def gone_after_first_chunk(server: FakeServer, message: Message) -> None:
+        if len(server.body_messages) >= 2:
+            server.disconnected.set()
+            raise OSError(errno.EPIPE, "client gone")
+
+    background = Background(opened)
+    response = FileResponse(file, background=background.task())
+    server = FakeServer(gone_after_first_chunk)
+    with caplog.at_level(logging.INFO, LOGGER):
+        await call(response, http_scope(headers, spec_version="2.4"), server)
+    assert response.outcome is Outcome.DISCONNECTED
+    assert background.runs == [True]
+    assert [record.levelname for record in caplog.records if record.name == LOGGER] == ["INFO"]
+
+
+async def test_divergence_6_background_policy_completed_skips_after_disconnect(file: Path, opened: OpenedFiles) -> None:
+    async def gone(server: FakeServer, message: Message) -> None:
+        raise OSError(errno.ECONNRESET, "reset")
+
+    background = Background(opened)
+    response = FileResponse(file, background=background.task(), background_policy="completed")
+    await call(response, http_scope(spec_version="2.4"), FakeServer(gone))
+    assert response.outcome is Outcome.DISCONNECTED
+    assert background.runs == []
+    assert opened.closed()
+
+
+@pytest.mark.usefixtures("fast")
+async def test_divergence_11_disconnect_during_a_read_waits_for_it(
+    file: Path, opened: OpenedFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read still running in a worker thread is waited for: the descriptor outlives it, then closes."""
+    monkeypatch.setattr(disconnect_responses.responses, "_RWF_NOWAIT", None)
+    reading = anyio.Event()
+    release = threading.Event()
+    real_read_at = disconnect_responses.responses._read_at
+    fd_valid_after_release: list[bool] = []
+
+    def held_read_at(fd: int, size: int, offset: int) -> bytes:
+        if offset >= 1024 * 1024 and not release.is_set():
+            anyio.from_thread.run_sync(reading.set)
+            release.wait(5)
+            fd_valid_after_release.append(not opened.closed())
+        return real_read_at(fd, size, offset)
+
+    monkeypatch.setattr(disconnect_responses.responses, "_read_at", held_read_at)
+    stopping_events: list[anyio.Event] = []
+
+    async def capture_stopping(server: FakeServer, message: Message) -> None:
+        if not stopping_events:
+            stopping_events.append(stopping())
+
+    background = Background(opened)
+    response = FileResponse(file, background=background.task())
+    server = FakeServer(capture_stopping)
+
+    async def disconnect_while_reading() -> None:
+        await reading.wait()
+        server.disconnected.set()
+        await stopping_events[0].wait()
+        release.set()
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(disconnect_while_reading)
+            await response(http_scope(), server.receive, server.send)
+    assert fd_valid_after_release == [True]
+    assert response.outcome is Outcome.DISCONNECTED
+    assert background.runs == [True]
+
+
+# Send timeout and cancellation
+
+
+@pytest.mark.parametrize("headers", RANGES)
+async def test_divergence_7_send_timeout_lets_a_stalled_client_go(
+    file: Path, opened: OpenedFiles, headers: list[tuple[str, str]]
+) -> None:
+    async def stall_after_first_chunk(server: FakeServer, message: Message) -> None:
+        if len(server.body_messages) >= 2:
+            await anyio.sleep_forever()
+
+    background = Background(opened)
+    response = FileResponse(file, background=background.task(), send_timeout=0.05)
+    await call(response, http_scope(headers), FakeServer(stall_after_first_chunk))
+    assert response.outcome is Outcome.SEND_TIMEOUT
+    assert background.runs == [True]
+
+
+async def test_divergence_6_external_cancellation_closes_the_file_and_runs_the_background(
+    file: Path, opened: OpenedFiles
+) -> None:
+    sending = anyio.Event()
+
+    async def block(server: FakeServer, message: Message) -> None:
+        sending.set()
+        await anyio.sleep_forever()
+
+    background = Background(opened)
+    response = FileResponse(file, background=background.task())
+    server = FakeServer(block)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(response, http_scope(), server.receive, server.send)
+            await sending.wait()
+            task_group.cancel_scope.cancel()
+    assert response.outcome is Outcome.CANCELLED
+    assert background.runs == [True]
+
+
+# Open once, fstat the descriptor (divergence 8)
+
+
+async def test_divergence_8_headers_come_from_the_open_file(file: Path, data: bytes, opened: OpenedFiles) -> None:
+    """The file is replaced after the open: headers and bytes still describe the file that was opened."""
+
+    async def replace_after_start(server: FakeServer, message: Message) -> None:
+        if len(server.body_messages) == 1:
+            replacement = file.with_name("replacement")
+            replacement.write_bytes(b"short")
+            os.replace(replacement, file)
+
+    server = FakeServer(replace_after_start)
+    response = FileResponse(file)
+    await call(response, http_scope(), server)
+    assert dict(server.messages[0]["headers"])[b"content-length"] == str(SIZE).encode()
+    assert server.body == data
+    assert len(opened.fds) == 1
+
+
+async def test_divergence_8_a_growing_file_is_served_at_its_opened_length(file: Path, data: bytes) -> None:
+    async def grow(server: FakeServer, message: Message) -> None:
+        if len(server.body_messages) == 1:
+            append(file, b"more" * 100_000)
+
+    server = FakeServer(grow)
+    response = FileResponse(file)
+    await call(response, http_scope(), server)
+    assert server.body == data
+    assert server.messages[-1]["more_body"] is False
+    assert response.outcome is Outcome.COMPLETED
+
+
+async def test_divergence_8_stat_result_given_sets_the_length(file: Path, data: bytes) -> None:
+    """A stat_result given by the caller wins, as in Starlette: it sets the headers and the length sent."""
+    small = os.stat_result((0o100644, 0, 0, 1, 0, 0, 1000, 0, 0, 0))
+    server = FakeServer()
+    await call(FileResponse(file, stat_result=small), http_scope(), server)
+    assert dict(server.messages[0]["headers"])[b"content-length"] == b"1000"
+    assert server.body == data[:1000]
+
+
+# Paths that cannot be served (divergence 9)
+
+
+def assert_plain(server: FakeServer, status: int, text: bytes) -> None:
+    assert server.messages == [
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-length", str(len(text)).encode()), (b"content-type", b"text/plain; charset=utf-8")],
+        },
+        {"type": "http.response.body", "body": text},
+    ]
+
+
+def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.name == LOGGER and record.levelname == "WARNING"]
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+async def test_divergence_9_missing_file_is_404(
+    tmp_path: Path, opened: OpenedFiles, caplog: pytest.LogCaptureFixture, method: str
+) -> None:
+    path = tmp_path / "missing.bin"
+    background = Background(opened)
+    response = FileResponse(path, background=background.task())
+    server = FakeServer()
+    await call(response, http_scope(method=method), server)
+    assert_plain(server, 404, b"Not Found")
+    assert response.outcome is Outcome.COMPLETED
+    assert background.runs == [True]
+    (warning,) = warnings_of(caplog)
+    assert str(path) in warning
+    assert "404" in warning
+
+
+async def test_divergence_9_missing_file_with_stat_result_is_404(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Starlette would send the headers from the given stat_result, then fail; nothing is sent here first."""
+    path = tmp_path / "missing.bin"
+    given = os.stat_result((0o100644, 0, 0, 1, 0, 0, 1000, 0, 0, 0))
+    server = FakeServer()
+    await call(FileResponse(path, stat_result=given), http_scope(), server)
+    assert_plain(server, 404, b"Not Found")
+    assert len(warnings_of(caplog)) == 1
+
+
+async def test_divergence_9_directory_is_404(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    server = FakeServer()
+    await call(FileResponse(tmp_path), http_scope(), server)
+    assert_plain(server, 404, b"Not Found")
+    (warning,) = warnings_of(caplog)
+    assert str(tmp_path) in warning
+    assert "not a regular file" in warning
+
+
+async def test_divergence_9_fifo_is_404_without_blocking(tmp_path: Path) -> None:
+    path = tmp_path / "fifo"
+    os.mkfifo(path)
+    server = FakeServer()
+    await call(FileResponse(path), http_scope(), server)
+    assert_plain(server, 404, b"Not Found")
+
+
+async def test_divergence_9_path_below_a_file_is_404(file: Path) -> None:
+    server = FakeServer()
+    await call(FileResponse(file / "below"), http_scope(), server)
+    assert_plain(server, 404, b"Not Found")
+
+
+async def test_divergence_9_permission_denied_is_403(
+    file: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Tests may run as root, for whom a mode of 000 denies nothing: the open is made to fail instead.
+    def denied(path: str, flags: int, *args: int) -> int:
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    monkeypatch.setattr(os, "open", denied)
+    server = FakeServer()
+    await call(FileResponse(file), http_scope(), server)
+    assert_plain(server, 403, b"Forbidden")
+    (warning,) = warnings_of(caplog)
+    assert str(file) in warning
+    assert "Permission denied" in warning
+
+
+async def test_divergence_9_other_errors_propagate(file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Running out of descriptors is a server error, not a missing file: it propagates as in Starlette."""
+
+    def exhausted(path: str, flags: int, *args: int) -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(os, "open", exhausted)
+    server = FakeServer()
+    response = FileResponse(file)
+    with pytest.raises(OSError, match="Too many open files"):
+        await call(response, http_scope(), server)
+    assert server.messages == []
+    assert response.outcome is Outcome.ERROR
+
+
+# A file that shrinks (divergence 10)
+
+
+@pytest.mark.parametrize("headers", RANGES)
+@pytest.mark.parametrize("http_version", ["1.1", "2"])
+async def test_divergence_10_shrinking_file_is_cut_short(
+    file: Path,
+    data: bytes,
+    opened: OpenedFiles,
+    caplog: pytest.LogCaptureFixture,
+    headers: list[tuple[str, str]],
+    http_version: str,
+) -> None:
+    """The bytes sent are the file's; HTTP/1 ends without a last message, HTTP/2 with an empty one."""
+
+    async def shrink_after_first_chunk(server: FakeServer, message: Message) -> None:
+        if len(server.body_messages) == 1:
+            os.truncate(file, 200_000)
+
+    background = Background(opened)
+    response = FileResponse(file, background=background.task())
+    server = FakeServer(shrink_after_first_chunk)
+    with caplog.at_level(logging.INFO, LOGGER):
+        await call(response, http_scope(headers, http_version=http_version), server)
+    assert response.outcome is Outcome.TRUNCATED
+    assert background.runs == [True]
+    assert server.body.endswith(data[1000 if headers else 0 : 200_000])
+    if http_version == "1.1":
+        assert all(message["more_body"] for message in server.body_messages)
+    else:
+        assert server.body_messages[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+        assert all(message["more_body"] for message in server.body_messages[:-1])
+    (warning,) = warnings_of(caplog)
+    assert str(file) in warning
+    assert "the file ended at 200000" in warning
+
+
+async def test_divergence_10_policy_completed_skips_the_background_when_cut_short(file: Path) -> None:
+    async def shrink(server: FakeServer, message: Message) -> None:
+        os.truncate(file, 100)
+
+    runs: list[str] = []
+    response = FileResponse(file, background=BackgroundTask(runs.append, "ran"), background_policy="completed")
+    await call(response, http_scope(), FakeServer(shrink))
+    assert response.outcome is Outcome.TRUNCATED
+    assert runs == []
+
+
+# Divergence 13: the background task runs after every answer
+
+
+@pytest.mark.parametrize("value", ["bytes=9999999-", "bytes=5-1"])
+async def test_divergence_13_background_runs_after_400_and_416(file: Path, opened: OpenedFiles, value: str) -> None:
+    background = Background(opened)
+    response = FileResponse(file, background=background.task())
+    server = FakeServer()
+    await call(response, http_scope([("range", value)]), server)
+    assert server.messages[0]["status"] in (400, 416)
+    assert response.outcome is Outcome.COMPLETED
+    assert background.runs == [True]
+
+
+async def test_head_and_pathsend_close_the_file_before_the_background(file: Path, opened: OpenedFiles) -> None:
+    for scope in (http_scope(method="HEAD"), http_scope(extensions={"http.response.pathsend": {}})):
+        background = Background(opened)
+        response = FileResponse(file, background=background.task())
+        await call(response, scope, FakeServer())
+        assert response.outcome is Outcome.COMPLETED
+        assert background.runs == [True]
+
+
+def iter_chunks(messages: list[Message]) -> Iterator[int]:
+    for message in messages:
+        if message["type"] == "http.response.body":
+            yield len(message["body"])
+
+
+async def test_divergence_11_slow_client_never_gets_large_chunks(file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client below the rate threshold stays on 64 KiB chunks with nothing read ahead."""
+    monkeypatch.setattr(disconnect_responses.responses, "_FAST_AFTER", 0)
+    monkeypatch.setattr(disconnect_responses.responses, "_RATE_WINDOW", 64 * 1024)
+    monkeypatch.setattr(disconnect_responses.responses, "_FAST_RATE", 1 << 60)
+    server = FakeServer()
+    await call(FileResponse(file), http_scope(), server)
+    assert max(iter_chunks(server.messages)) == FileResponse.chunk_size
+
+
+@pytest.mark.usefixtures("fast")
+async def test_divergence_11_a_passing_page_cache_miss_returns_to_the_loop_thread(
+    file: Path, data: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One miss sends one chunk to a worker thread; the next chunks come from the page cache again."""
+    if disconnect_responses.responses._RWF_NOWAIT is None:
+        pytest.skip("RWF_NOWAIT is Linux only")
+    real_read_cached = disconnect_responses.responses._read_cached
+    real_read_at = disconnect_responses.responses._read_at
+    misses = iter([True])
+    thread_reads: list[int] = []
+
+    def flaky_read_cached(fd: int, buffer: memoryview, size: int, offset: int) -> bytes | None:
+        if size > FileResponse.chunk_size and next(misses, False):
+            return None
+        return real_read_cached(fd, buffer, size, offset)
+
+    def counting_read_at(fd: int, size: int, offset: int) -> bytes:
+        thread_reads.append(offset)
+        return real_read_at(fd, size, offset)
+
+    monkeypatch.setattr(disconnect_responses.responses, "_read_cached", flaky_read_cached)
+    monkeypatch.setattr(disconnect_responses.responses, "_read_at", counting_read_at)
+    server = FakeServer()
+    await call(FileResponse(file), http_scope(), server)
+    assert server.body == data
+    assert len(thread_reads) == 1

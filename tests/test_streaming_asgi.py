@@ -1,0 +1,757 @@
+"""StreamingResponse called as a raw ASGI app, with a hand-written server (``FakeClient``) around it.
+
+The fake decides exactly what a server would report and when: the client leaves after a given
+number of body chunks, ``send()`` raises ``OSError`` once the client is gone (ASGI spec 2.4), or
+blocks forever (a stalled client). Every test runs on asyncio and trio, under ``anyio.fail_after``.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+
+import anyio
+import anyio.from_thread
+import anyio.lowlevel
+import anyio.to_thread
+import pytest
+from starlette.background import BackgroundTask
+from starlette.requests import ClientDisconnect
+from starlette.types import Message, Scope
+
+from disconnect_responses import Outcome, StreamingResponse, stopping
+from disconnect_responses._race import YIELD_EVERY_BYTES, BackgroundPolicy
+
+pytestmark = pytest.mark.anyio
+
+CHUNK = b"x" * (64 * 1024)
+SPEC_VERSIONS = [None, "2.3", "2.4"]
+WATCHDOG = 5.0
+POLICIES: list[BackgroundPolicy] = ["always", "completed"]
+
+
+class FakeClient:
+    """One connection's ``receive`` and ``send`` as a server would drive them.
+
+    ``receive()`` returns the queued ``requests`` first, then blocks until the client ``leave()``s and
+    returns ``http.disconnect``. ``send()`` records every message; with ``leave_after`` it makes the
+    client leave once that many body chunks were sent; on spec 2.4 it raises ``OSError`` once the
+    client is gone; ``block_after`` body chunks it blocks forever, like a client that stopped reading.
+    """
+
+    def __init__(
+        self,
+        spec_version: str | None = "2.3",
+        *,
+        leave_after: int | None = None,
+        requests: Sequence[Message] = (),
+        block_after: int | None = None,
+        send_error: Exception | None = None,
+    ) -> None:
+        self.spec_version = spec_version
+        self.leave_after = leave_after
+        self.block_after = block_after
+        self.send_error = send_error
+        self.requests = list(requests)
+        self.gone = anyio.Event()
+        self.receive_calls = 0
+        self.disconnect_received = False
+        self.disconnect_delivered = anyio.Event()
+        self.messages: list[Message] = []
+        self.body_chunks = 0
+        self.bytes_after_leaving = 0
+        self.sent_after_disconnect_received: list[Message] = []
+
+    def scope(self, type: str = "http") -> Scope:
+        asgi = {"version": "3.0"}
+        if self.spec_version is not None:
+            asgi["spec_version"] = self.spec_version
+        return {
+            "type": type,
+            "asgi": asgi,
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": "/stream",
+            "raw_path": b"/stream",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [],
+            "client": ("127.0.0.1", 50000),
+            "server": ("127.0.0.1", 8000),
+        }
+
+    def leave(self) -> None:
+        self.gone.set()
+
+    async def receive(self) -> Message:
+        self.receive_calls += 1
+        if self.requests:
+            return self.requests.pop(0)
+        await self.gone.wait()
+        self.disconnect_received = True
+        self.disconnect_delivered.set()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: Message) -> None:
+        if self.gone.is_set() and self.spec_version == "2.4":
+            raise OSError(errno.EPIPE, "Broken pipe")
+        if self.send_error is not None and message["type"] == "http.response.body":
+            raise self.send_error
+        if self.disconnect_received:
+            self.sent_after_disconnect_received.append(message)
+        if self.gone.is_set():
+            self.bytes_after_leaving += len(message.get("body", b""))
+        self.messages.append(message)
+        if message["type"] == "http.response.body" and message.get("more_body", False):
+            self.body_chunks += 1
+            if self.body_chunks == self.leave_after:
+                self.leave()
+            if self.body_chunks == self.block_after:
+                await anyio.sleep_forever()
+
+    def body(self) -> bytes:
+        return b"".join(bytes(message.get("body", b"")) for message in self.messages)
+
+
+class Log:
+    """What the producer and the background task did, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def append(self, event: str) -> None:
+        self.events.append(event)
+
+    async def background(self) -> None:
+        await anyio.lowlevel.checkpoint()
+        self.events.append("background")
+
+    def task(self) -> BackgroundTask:
+        return BackgroundTask(self.background)
+
+
+def awaiting(log: Log) -> AsyncIterator[bytes]:
+    async def produce() -> AsyncIterator[bytes]:
+        try:
+            while True:
+                await anyio.lowlevel.checkpoint()
+                yield CHUNK
+        finally:
+            log.append("closed")
+
+    return produce()
+
+
+def never_awaiting(log: Log) -> AsyncIterator[bytes]:
+    async def produce() -> AsyncIterator[bytes]:
+        try:
+            while True:
+                yield CHUNK
+        finally:
+            log.append("closed")
+
+    return produce()
+
+
+def sync(log: Log) -> Iterator[bytes]:
+    def produce() -> Iterator[bytes]:
+        try:
+            while True:
+                yield CHUNK
+        finally:
+            log.append("closed")
+
+    return produce()
+
+
+def waiting_on_upstream(log: Log) -> AsyncIterator[bytes]:
+    """Yields one chunk, then waits for an upstream that never sends anything more."""
+
+    async def produce() -> AsyncIterator[bytes]:
+        try:
+            yield CHUNK
+            await anyio.sleep_forever()
+        finally:
+            log.append("closed")
+
+    return produce()
+
+
+Producer = Callable[[Log], AsyncIterator[bytes] | Iterator[bytes]]
+ENDLESS_PRODUCERS: dict[str, Producer] = {"awaiting": awaiting, "never-awaiting": never_awaiting, "sync": sync}
+
+
+async def run(response: StreamingResponse, client: FakeClient, type: str = "http") -> None:
+    with anyio.fail_after(WATCHDOG):
+        await response(client.scope(type), client.receive, client.send)
+
+
+def stopped_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if record.name == "disconnect_responses" and "stopped:" in record.getMessage()
+    ]
+
+
+@pytest.mark.parametrize("spec_version", SPEC_VERSIONS)
+@pytest.mark.parametrize("producer", ENDLESS_PRODUCERS)
+async def test_client_leaves_mid_stream(
+    spec_version: str | None, producer: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The response stops, closes the iterator, then runs the background task once; nothing escapes."""
+    caplog.set_level(logging.INFO, logger="disconnect_responses")
+    log = Log()
+    client = FakeClient(spec_version, leave_after=3)
+    response = StreamingResponse(ENDLESS_PRODUCERS[producer](log), background=log.task())
+    await run(response, client)
+    assert response.outcome is Outcome.DISCONNECTED
+    assert log.events == ["closed", "background"]
+    assert response.bytes_sent == len(client.body()) >= 3 * len(CHUNK)
+    assert client.sent_after_disconnect_received == []
+    [line] = stopped_lines(caplog)
+    assert line.startswith(f'"GET /stream" stopped: disconnected after {response.bytes_sent} body bytes in ')
+
+
+@pytest.mark.parametrize("spec_version", SPEC_VERSIONS)
+@pytest.mark.parametrize("producer", ["awaiting", "never-awaiting"])
+async def test_divergence_3_no_chunk_after_the_listener_saw_the_disconnect(
+    spec_version: str | None, producer: str
+) -> None:
+    """Once ``receive()`` returned ``http.disconnect``, not one more message reaches ``send()``.
+
+    A producer that never awaits, behind a ``send()`` that never yields (uvicorn), gets the event loop
+    turn it needs from the guarded send every ``YIELD_EVERY_BYTES``: the bytes handed over after the
+    client left stay within two such turns, however long the body.
+    """
+    log = Log()
+    client = FakeClient(spec_version, leave_after=5)
+    response = StreamingResponse(ENDLESS_PRODUCERS[producer](log), background=log.task())
+    await run(response, client)
+    assert response.outcome is Outcome.DISCONNECTED
+    assert client.sent_after_disconnect_received == []
+    assert client.bytes_after_leaving <= 2 * YIELD_EVERY_BYTES
+    if producer == "awaiting":
+        assert client.bytes_after_leaving <= len(CHUNK)
+
+
+@pytest.mark.parametrize("spec_version", SPEC_VERSIONS)
+async def test_divergence_1_listener_runs_on_every_spec_version(spec_version: str | None) -> None:
+    """A producer waiting on its upstream never calls ``send()`` again; the listener still stops it.
+
+    Starlette skips its listener on spec 2.4 and would wait for the upstream forever.
+    """
+    log = Log()
+    client = FakeClient(spec_version, leave_after=1)
+    response = StreamingResponse(waiting_on_upstream(log), background=log.task())
+    await run(response, client)
+    assert response.outcome is Outcome.DISCONNECTED
+    assert client.disconnect_received
+    assert log.events == ["closed", "background"]
+
+
+async def test_divergence_2_oserror_from_send_on_spec_2_4_ends_quietly() -> None:
+    """On 2.4, ``send()`` raises ``OSError`` once the client is gone, and ``http.disconnect`` still arrives.
+
+    Whichever the response notices first, it ends as a disconnect: no ``OSError``, no
+    ``ClientDisconnect``, no exception group escapes, and the background task runs.
+    """
+    log = Log()
+    client = FakeClient("2.4", leave_after=2)
+    response = StreamingResponse(never_awaiting(log), background=log.task())
+    await run(response, client)
+    assert response.outcome is Outcome.DISCONNECTED
+    assert log.events == ["closed", "background"]
+    assert client.sent_after_disconnect_received == []
+
+
+async def test_divergence_2_oserror_from_send_before_any_disconnect_message() -> None:
+    """``OSError`` from ``send()`` alone, with no ``http.disconnect`` ever received, ends as a disconnect."""
+    log = Log()
+    client = FakeClient("2.4", send_error=OSError(errno.ECONNRESET, "Connection reset by peer"))
+    response = StreamingResponse(awaiting(log), background=log.task())
+    await run(response, client)
+    assert response.outcome is Outcome.DISCONNECTED
+    assert not client.disconnect_received
+    assert response.bytes_sent == 0
+    assert log.events == ["closed", "background"]
+
+
+@pytest.mark.parametrize("spec_version", SPEC_VERSIONS)
+async def test_divergence_2_client_disconnect_from_send_ends_quietly(spec_version: str | None) -> None:
+    """A ``send()`` that raises Starlette's ``ClientDisconnect`` (a wrapping middleware) is a disconnect too."""
+    log = Log()
+    client = FakeClient(spec_version, send_error=ClientDisconnect())
+    response = StreamingResponse(sync(log), background=log.task())
+    await run(response, client)
+    assert response.outcome is Outcome.DISCONNECTED
+    assert log.events == ["closed", "background"]
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("producer", ["async", "sync"])
+async def test_producer_error_is_reraised_unwrapped(producer: str, policy: BackgroundPolicy) -> None:
+    """The producer's own exception reaches the server as itself, not inside an exception group.
+
+    The iterator is closed first; the background task runs with policy "always", not "completed".
+    """
+    log = Log()
+
+    async def async_failing() -> AsyncIterator[bytes]:
+        try:
+            yield CHUNK
+            raise ValueError("upstream broke")
+        finally:
+            log.append("closed")
+
+    def sync_failing() -> Iterator[bytes]:
+        try:
+            yield CHUNK
+            raise ValueError("upstream broke")
+        finally:
+            log.append("closed")
+
+    content = async_failing() if producer == "async" else sync_failing()
+    response = StreamingResponse(content, background=log.task(), background_policy=policy)
+    client = FakeClient()
+    with pytest.raises(ValueError, match="upstream broke") as caught:
+        await run(response, client)
+    assert type(caught.value) is ValueError
+    assert response.outcome is Outcome.ERROR
+    assert log.events == (["closed", "background"] if policy == "always" else ["closed"])
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+async def test_divergence_6_background_after_disconnect_follows_the_policy(policy: BackgroundPolicy) -> None:
+    """Policy "always" (default) runs the background task after a disconnect; "completed" does not."""
+    log = Log()
+    client = FakeClient(leave_after=2)
+    response = StreamingResponse(awaiting(log), background=log.task(), background_policy=policy)
+    await run(response, client)
+    assert response.outcome is Outcome.DISCONNECTED
+    assert log.events == (["closed", "background"] if policy == "always" else ["closed"])
+
+
+async def test_divergence_6_completed_policy_runs_background_after_completion() -> None:
+    log = Log()
+    client = FakeClient()
+    response = StreamingResponse(iter([b"a", b"b"]), background=log.task(), background_policy="completed")
+    await run(response, client)
+    assert response.outcome is Outcome.COMPLETED
+    assert client.body() == b"ab"
+    assert log.events == ["background"]
+
+
+@pytest.mark.parametrize("producer", ["async", "sync"])
+async def test_divergence_6_external_cancellation_closes_and_runs_background_shielded(producer: str) -> None:
+    """A cancellation of the whole call (a server shutting down) still closes the iterator and runs the
+    background task, even one that awaits, and then propagates."""
+    log = Log()
+    upstream_waiting = threading.Event()
+    release_upstream = threading.Event()
+
+    async def async_waiting() -> AsyncIterator[bytes]:
+        try:
+            yield CHUNK
+            await anyio.sleep_forever()
+        finally:
+            log.append("closed")
+
+    def sync_waiting() -> Iterator[bytes]:
+        try:
+            yield CHUNK
+            upstream_waiting.set()
+            release_upstream.wait(WATCHDOG)
+            yield CHUNK
+        finally:
+            log.append("closed")
+
+    content = async_waiting() if producer == "async" else sync_waiting()
+    response = StreamingResponse(content, background=log.task())
+    client = FakeClient()
+    with anyio.fail_after(WATCHDOG):
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(response, client.scope(), client.receive, client.send)
+            if producer == "sync":
+                await anyio.to_thread.run_sync(upstream_waiting.wait, WATCHDOG)
+            await anyio.wait_all_tasks_blocked()
+            task_group.cancel_scope.cancel()
+            if producer == "sync":
+                # The abandoned next() returns once the upstream answers; the close happens then.
+                release_upstream.set()
+    assert response.outcome is Outcome.CANCELLED
+    assert log.events == ["closed", "background"]
+
+
+async def test_divergence_6_cleanup_after_cancellation_is_bounded_by_cleanup_timeout(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A close and a background task that never end cannot hold a cancelled call beyond ``cleanup_timeout``
+    each; both are logged."""
+    caplog.set_level(logging.WARNING, logger="disconnect_responses")
+    hung = Log()
+
+    async def stubborn() -> AsyncIterator[bytes]:
+        try:
+            while True:
+                yield CHUNK
+        finally:
+            hung.append("closing")
+            await anyio.sleep_forever()
+
+    async def endless_background() -> None:
+        hung.append("background")
+        await anyio.sleep_forever()
+
+    response = StreamingResponse(stubborn(), background=BackgroundTask(endless_background))
+    response.cleanup_timeout = 0.05
+    # The server's send() never returns, so the cancellation lands there, not inside the generator.
+    client = FakeClient(block_after=1)
+    with anyio.fail_after(WATCHDOG):
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(response, client.scope(), client.receive, client.send)
+            await anyio.wait_all_tasks_blocked()
+            task_group.cancel_scope.cancel()
+    assert response.outcome is Outcome.CANCELLED
+    assert hung.events == ["closing", "background"]
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert any("iterator" in message and "0.05 s" in message for message in warnings), warnings
+    assert any("background" in message and "0.05 s" in message for message in warnings), warnings
+
+
+@pytest.mark.parametrize("producer", ENDLESS_PRODUCERS)
+async def test_send_timeout_lets_a_stalled_client_go(producer: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A ``send()`` that blocks forever is abandoned after ``send_timeout``; cleanup runs as usual."""
+    caplog.set_level(logging.INFO, logger="disconnect_responses")
+    log = Log()
+    client = FakeClient(block_after=3)
+    response = StreamingResponse(ENDLESS_PRODUCERS[producer](log), background=log.task(), send_timeout=0.05)
+    await run(response, client)
+    assert response.outcome is Outcome.SEND_TIMEOUT
+    assert response.bytes_sent == 2 * len(CHUNK)
+    assert log.events == ["closed", "background"]
+    [line] = stopped_lines(caplog)
+    assert f"stopped: send_timeout after {2 * len(CHUNK)} body bytes" in line
+
+
+def unstarted(log: Log, producer: str) -> AsyncIterator[bytes] | Iterator[bytes]:
+    """An endless producer that records when its body starts running and when its ``finally`` runs."""
+
+    async def async_producer() -> AsyncIterator[bytes]:
+        log.append("started")
+        try:
+            while True:
+                await anyio.lowlevel.checkpoint()
+                yield CHUNK
+        finally:
+            log.append("closed")
+
+    def sync_producer() -> Iterator[bytes]:
+        log.append("started")
+        try:
+            while True:
+                yield CHUNK
+        finally:
+            log.append("closed")
+
+    return async_producer() if producer == "async" else sync_producer()
+
+
+async def assert_exhausted(content: AsyncIterator[bytes] | Iterator[bytes]) -> None:
+    if isinstance(content, AsyncIterator):
+        with pytest.raises(StopAsyncIteration):
+            await content.__anext__()
+    else:
+        with pytest.raises(StopIteration):
+            next(content)
+
+
+@pytest.mark.parametrize("producer", ["async", "sync"])
+async def test_disconnect_before_the_response_starts(producer: str) -> None:
+    """The client left before the app called the response: the response stops, the iterator ends up closed
+    so it can never start later, and the background task runs. (A generator that never started has no
+    ``finally`` to run.)"""
+    log = Log()
+    content = unstarted(log, producer)
+    client = FakeClient()
+    client.leave()
+    response = StreamingResponse(content, background=log.task())
+    await run(response, client)
+    assert response.outcome is Outcome.DISCONNECTED
+    assert log.events in (["background"], ["started", "closed", "background"])
+    await assert_exhausted(content)
+
+
+@pytest.mark.parametrize("producer", ["async", "sync"])
+async def test_disconnect_during_the_headers_send_never_starts_the_producer(producer: str) -> None:
+    """The disconnect is heard while the server's ``send()`` of the headers is in progress: the producer is
+    never pulled, so a generator that would acquire upstream resources never starts."""
+    log = Log()
+    content = unstarted(log, producer)
+    client = FakeClient()
+    client.leave()
+
+    async def slow_send(message: Message) -> None:
+        # The server's send() of the headers returns only once the listener heard the disconnect.
+        await client.disconnect_delivered.wait()
+        await client.send(message)
+
+    response = StreamingResponse(content, background=log.task())
+    with anyio.fail_after(WATCHDOG):
+        await response(client.scope(), client.receive, slow_send)
+    assert response.outcome is Outcome.DISCONNECTED
+    assert log.events == ["background"]
+    await assert_exhausted(content)
+
+
+async def test_http_request_messages_before_the_disconnect_are_skipped() -> None:
+    log = Log()
+    requests: list[Message] = [
+        {"type": "http.request", "body": b"part", "more_body": True},
+        {"type": "http.request", "body": b"", "more_body": False},
+    ]
+    client = FakeClient(leave_after=2, requests=requests)
+    response = StreamingResponse(awaiting(log), background=log.task())
+    await run(response, client)
+    assert response.outcome is Outcome.DISCONNECTED
+    assert client.receive_calls == 3
+    assert log.events == ["closed", "background"]
+
+
+async def test_websocket_denial_response() -> None:
+    """Denying a websocket with a streamed response sends the ``websocket.http.*`` messages, no listener."""
+    log = Log()
+    client = FakeClient()
+    response = StreamingResponse(iter([b"denied"]), status_code=403, background=log.task())
+    await run(response, client, type="websocket")
+    assert [message["type"] for message in client.messages] == [
+        "websocket.http.response.start",
+        "websocket.http.response.body",
+        "websocket.http.response.body",
+    ]
+    assert client.messages[0]["status"] == 403
+    assert client.body() == b"denied"
+    assert client.receive_calls == 0
+    assert response.outcome is Outcome.COMPLETED
+    assert log.events == ["background"]
+
+
+@pytest.mark.parametrize("spec_version", SPEC_VERSIONS)
+@pytest.mark.parametrize("producer", ["async", "sync"])
+async def test_completed_run(spec_version: str | None, producer: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="disconnect_responses")
+    log = Log()
+    chunks = [b"one", b"two", b"three"]
+
+    async def async_content() -> AsyncIterator[bytes]:
+        try:
+            for chunk in chunks:
+                yield chunk
+        finally:
+            log.append("closed")
+
+    def sync_content() -> Iterator[bytes]:
+        try:
+            yield from chunks
+        finally:
+            log.append("closed")
+
+    client = FakeClient(spec_version)
+    response = StreamingResponse(async_content() if producer == "async" else sync_content(), background=log.task())
+    await run(response, client)
+    assert response.outcome is Outcome.COMPLETED
+    assert response.bytes_sent == len(b"onetwothree")
+    assert client.body() == b"onetwothree"
+    assert log.events == ["closed", "background"]
+    assert stopped_lines(caplog) == []
+
+
+class ClosableIterator:
+    """A sync iterator object (not a generator) with a ``close()`` that records its calls and thread."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = iter(chunks)
+        self.closes: list[str] = []
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        return next(self.chunks)
+
+    def close(self) -> None:
+        self.closes.append(threading.current_thread().name)
+
+
+class AsyncClosableIterator:
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = iter(chunks)
+        self.acloses = 0
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return next(self.chunks)
+        except StopIteration:
+            raise StopAsyncIteration from None
+
+    async def aclose(self) -> None:
+        self.acloses += 1
+
+
+@pytest.mark.parametrize("leave", [False, True])
+async def test_divergence_4_iterator_objects_are_closed_once_in_a_worker_thread(leave: bool) -> None:
+    """A sync iterator's ``close()`` runs once, off the event loop thread, on completion and on disconnect.
+
+    Starlette never closes a sync iterator."""
+    iterator = ClosableIterator([CHUNK] * (1000 if leave else 10))
+    client = FakeClient(leave_after=2 if leave else None)
+    response = StreamingResponse(iterator)
+    await run(response, client)
+    assert response.outcome is (Outcome.DISCONNECTED if leave else Outcome.COMPLETED)
+    assert len(iterator.closes) == 1
+    assert iterator.closes[0] != threading.current_thread().name
+
+
+@pytest.mark.parametrize("leave", [False, True])
+async def test_divergence_4_async_iterator_objects_get_aclose(leave: bool) -> None:
+    iterator = AsyncClosableIterator([CHUNK] * (1000 if leave else 10))
+    client = FakeClient(leave_after=2 if leave else None)
+    response = StreamingResponse(iterator)
+    await run(response, client)
+    assert response.outcome is (Outcome.DISCONNECTED if leave else Outcome.COMPLETED)
+    assert iterator.acloses == 1
+
+
+async def test_divergence_5_a_blocked_next_is_abandoned_and_closed_when_it_returns(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A sync ``next()`` stuck on its upstream holds the call at most ``cleanup_timeout``; the iterator is
+    closed in that worker thread as soon as ``next()`` returns."""
+    caplog.set_level(logging.WARNING, logger="disconnect_responses")
+    log = Log()
+    in_next = threading.Event()
+    release = threading.Event()
+    closed = threading.Event()
+
+    def blocking() -> Iterator[bytes]:
+        try:
+            yield CHUNK
+            in_next.set()
+            release.wait(WATCHDOG)
+            yield CHUNK
+        finally:
+            log.append("closed")
+            closed.set()
+
+    client = FakeClient()
+    response = StreamingResponse(blocking(), background=log.task())
+    response.cleanup_timeout = 0.05
+    with anyio.fail_after(WATCHDOG):
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(response, client.scope(), client.receive, client.send)
+            await anyio.to_thread.run_sync(in_next.wait, WATCHDOG)
+            client.leave()
+        assert response.outcome is Outcome.DISCONNECTED
+        assert log.events == ["background"]
+        release.set()
+        assert await anyio.to_thread.run_sync(closed.wait, WATCHDOG)
+    assert log.events == ["background", "closed"]
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert any("iterator" in message and "0.05 s" in message for message in warnings), warnings
+
+
+async def test_divergence_7_new_options_and_attributes() -> None:
+    response = StreamingResponse(iter([b"a"]))
+    assert response.send_timeout is None
+    assert response.background_policy == "always"
+    assert response.cleanup_timeout == 5.0
+    assert response.outcome is None
+    assert response.bytes_sent == 0
+    await run(response, FakeClient())
+    assert response.outcome is Outcome.COMPLETED
+    assert response.bytes_sent == 1
+
+
+async def test_stopping_is_set_when_the_stream_ends_async_producer() -> None:
+    """Inside an async producer ``stopping()`` is the response's event: unset while streaming, set
+    before the iterator is closed; outside any body it raises ``LookupError``."""
+    seen: list[bool] = []
+
+    async def producer() -> AsyncIterator[bytes]:
+        event = stopping()
+        seen.append(event.is_set())
+        try:
+            yield CHUNK
+            await anyio.sleep_forever()
+        finally:
+            seen.append(event.is_set())
+
+    client = FakeClient(leave_after=1)
+    response = StreamingResponse(producer())
+    await run(response, client)
+    assert seen == [False, True]
+    with pytest.raises(LookupError):
+        stopping()
+
+
+async def test_stopping_lets_a_sync_producer_stop_its_upstream() -> None:
+    """A sync producer waits in its worker thread on ``stopping()`` (its upstream) and learns the client left."""
+    seen: list[str] = []
+
+    def producer() -> Iterator[bytes]:
+        event = stopping()
+        seen.append(f"set={event.is_set()}")
+        yield CHUNK
+        # The client leaves while this next() runs, in a worker thread, waiting on its "upstream".
+        anyio.from_thread.run_sync(client.leave)
+        anyio.from_thread.run(event.wait)
+        seen.append("upstream stopped")
+        yield CHUNK
+
+    client = FakeClient()
+    response = StreamingResponse(producer())
+    await run(response, client)
+    assert response.outcome is Outcome.DISCONNECTED
+    assert seen == ["set=False", "upstream stopped"]
+    with pytest.raises(LookupError):
+        stopping()
+
+
+@pytest.mark.parametrize("producer", ["async", "sync"])
+async def test_stopping_is_available_in_the_producers_finally(producer: str) -> None:
+    """A producer's ``finally`` is inside its body, so ``stopping()`` answers there too, and is set."""
+    seen: list[object] = []
+
+    def look() -> None:
+        try:
+            seen.append(stopping().is_set())
+        except LookupError as exc:
+            seen.append(exc)
+
+    async def async_producer() -> AsyncIterator[bytes]:
+        try:
+            while True:
+                yield CHUNK
+        finally:
+            look()
+
+    def sync_producer() -> Iterator[bytes]:
+        try:
+            while True:
+                yield CHUNK
+        finally:
+            look()
+
+    # The server's send() blocks, so the producer sits at a yield when the send timeout stops it.
+    client = FakeClient(block_after=1)
+    content = async_producer() if producer == "async" else sync_producer()
+    response = StreamingResponse(content, send_timeout=0.05)
+    await run(response, client)
+    assert response.outcome is Outcome.SEND_TIMEOUT
+    assert seen == [True]
