@@ -19,9 +19,10 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextvars import ContextVar
 from types import FrameType
-from typing import Generic, Literal, TypeVar
+from typing import Generic, Literal, Protocol, TypeVar
 
 import anyio
+import anyio.from_thread
 import anyio.lowlevel
 import anyio.to_thread
 from starlette.background import BackgroundTask
@@ -59,7 +60,7 @@ class Outcome(str, enum.Enum):
     """The body's source ended early (a file shrank while it was sent): the response was cut short."""
 
 
-_stopping: ContextVar[anyio.Event] = ContextVar("disconnect_responses.stopping")
+_current_race: ContextVar[Race] = ContextVar("disconnect_responses.race")
 
 
 def stopping() -> anyio.Event:
@@ -73,66 +74,112 @@ def stopping() -> anyio.Event:
     Raises ``LookupError`` outside such a body.
     """
     try:
-        return _stopping.get()
+        race = _current_race.get()
     except LookupError:
         raise LookupError("stopping() is only available inside the body of a disconnect_responses response") from None
+    if threading.get_ident() != race.loop_thread:
+        # A sync producer, in a worker thread: events belong to the event loop's thread.
+        return anyio.from_thread.run_sync(race.stopping_event)
+    return race.stopping_event()
 
 
 class _Stopped(Exception):
     """Raised by the guarded send once the race is decided: nothing more may reach the server."""
 
 
+class Guarded(Protocol):
+    """The response a ``Race`` runs for: its options, and where the outcome is published."""
+
+    send_timeout: float | None
+    cleanup_timeout: float
+    background: BackgroundTask | None
+    background_policy: BackgroundPolicy
+    outcome: Outcome | None
+    bytes_sent: int
+
+
 class Race:
-    def __init__(
-        self, scope: Scope, receive: Receive, send: Send, send_timeout: float | None, cleanup_timeout: float
-    ) -> None:
+    """One call of a response: ``respond()`` runs the body against the disconnect, then cleans up."""
+
+    def __init__(self, response: Guarded, scope: Scope, receive: Receive, send: Send) -> None:
         self.outcome: Outcome | None = None
         self.error: Exception | None = None
         self.bytes_sent = 0
-        self.stopping = anyio.Event()
+        self.loop_thread = threading.get_ident()
+        self._stopping: anyio.Event | None = None
         self._stopped = False
+        self._response = response
         self._scope = scope
         self._receive = receive
-        self._send = send
-        self._send_timeout = send_timeout
-        self._cleanup_timeout = cleanup_timeout
+        self._send = _wrap_websocket_denial_send(send) if scope["type"] == "websocket" else send
+        self._send_timeout = response.send_timeout
+        self._cleanup_timeout = response.cleanup_timeout
         self._send_began: float | None = None
         self._unyielded = 0
         self._final_sent = False
-        self._open_ended: bool | None = None
+        self._start_headers: Iterable[tuple[bytes, bytes]] | None = None
         self._started = time.monotonic()
-        self._body_scope = anyio.CancelScope()
+        self._cancel_scope: anyio.CancelScope | None = None
+
+    async def respond(self, body: Callable[[Send], Awaitable[None]], close: Callable[[], Awaitable[None]]) -> None:
+        """Run ``body(send)`` against the disconnect, publish the outcome on the response, call
+        ``close()`` to release the body's source, run the background task, then raise the body's
+        error if it had one. ``stopping()`` answers throughout, the producer's ``finally`` included.
+        """
+        token = _current_race.set(self)
+        try:
+            try:
+                await self._run(body)
+            finally:
+                self._response.outcome = self.outcome
+                self._response.bytes_sent = self.bytes_sent
+                await self._finish(close)
+        finally:
+            _current_race.reset(token)
+        if self.error is not None:
+            raise self.error
 
     def stop(self, outcome: Outcome) -> None:
+        """End the race from outside the body: the body is cancelled where it waits."""
+        self._decide(outcome)
+        if self._cancel_scope is not None:
+            self._cancel_scope.cancel()
+
+    def _decide(self, outcome: Outcome) -> None:
         if self.outcome is None:
             self.outcome = outcome
         self._stopped = True
-        self.stopping.set()
-        self._body_scope.cancel()
+        if self._stopping is not None:
+            self._stopping.set()
 
-    async def run(self, body: Callable[[Send], Awaitable[None]]) -> None:
-        """Run ``body(send)`` until it completes, fails, or the race is stopped.
+    def stopping_event(self) -> anyio.Event:
+        # Made on first use: most bodies never ask, and an event per response is not free.
+        if self._stopping is None:
+            self._stopping = anyio.Event()
+            if self._stopped:
+                self._stopping.set()
+        return self._stopping
 
-        ``stopping()`` answers from here to the end of ``finish()``, which must follow.
-        """
-        self._stopping_token = _stopping.set(self.stopping)
-        _shutdown_watch.add(self)
+    async def _run(self, body: Callable[[Send], Awaitable[None]]) -> None:
         try:
+            # The body runs in this task, inside the task group's scope: cancelling that scope
+            # stops the body and the helpers at once.
             async with anyio.create_task_group() as task_group:
+                self._cancel_scope = task_group.cancel_scope
+                _shutdown_watch.add(self)
                 if self._scope["type"] == "http":
                     task_group.start_soon(self._listen_for_disconnect)
                 if self._send_timeout is not None:
                     task_group.start_soon(self._watch_sends, self._send_timeout)
-                with self._body_scope:
-                    try:
-                        await body(self.send)
-                    except _Stopped:
-                        pass
-                    except Exception as exc:
-                        self.error = exc
-                        self.stop(Outcome.ERROR)
-                    else:
-                        self.stop(Outcome.COMPLETED)
+                try:
+                    await body(self.send)
+                except _Stopped:
+                    pass
+                except Exception as exc:
+                    self.error = exc
+                    self._decide(Outcome.ERROR)
+                else:
+                    self._decide(Outcome.COMPLETED)
                 task_group.cancel_scope.cancel()
             if self.outcome is Outcome.SHUTDOWN:
                 await self._end_open_body()
@@ -148,7 +195,9 @@ class Race:
         # An endless stream (no content-length) ends with a proper last chunk, so that the server
         # can close the connection and exit, and an event-stream client sees a clean end and
         # reconnects; a body of declared length is left short for the server to close.
-        if not self._open_ended or self._final_sent:
+        if self._start_headers is None or self._final_sent:
+            return
+        if any(name.lower() == b"content-length" for name, _ in self._start_headers):
             return
         with anyio.move_on_after(self._cleanup_timeout):
             try:
@@ -159,10 +208,11 @@ class Race:
     async def send(self, message: Message) -> None:
         if self._stopped:
             raise _Stopped
-        more_body = message.get("more_body", False)
         if message["type"] == "http.response.start":
-            self._open_ended = all(name.lower() != b"content-length" for name, _ in message.get("headers", ()))
-        elif not more_body:
+            await self._send_start(message)
+            return
+        more_body = message.get("more_body", False)
+        if not more_body:
             # From here on the listener's http.disconnect may just be the end of this response.
             self._final_sent = True
         if self._send_timeout is not None:
@@ -175,7 +225,7 @@ class Race:
         self._send_began = None
         sent = len(message.get("body", b""))
         self.bytes_sent += sent
-        if self._stopped and not self._final_sent:
+        if self._stopped and more_body:
             # The race was decided while this send waited: pull nothing more from the producer.
             raise _Stopped
         self._unyielded += sent
@@ -183,9 +233,29 @@ class Race:
             self._unyielded = 0
             await anyio.lowlevel.checkpoint()
 
+    async def _send_start(self, message: Message) -> None:
+        self._start_headers = message.get("headers", ())
+        try:
+            await self._send(message)
+        except (OSError, ClientDisconnect):
+            self.stop(Outcome.DISCONNECTED)
+            raise _Stopped from None
+        # Servers whose send() does not yield (uvicorn, hypercorn on asyncio) would otherwise let
+        # the body pull (start) the producer before the listener heard of a client already gone.
+        await anyio.lowlevel.checkpoint()
+        if self._stopped:
+            raise _Stopped
+
     async def _listen_for_disconnect(self) -> None:
-        while (await self._receive())["type"] != "http.disconnect":
-            pass
+        try:
+            while (await self._receive())["type"] != "http.disconnect":
+                # A server that answers at once with other messages must not starve the body.
+                await anyio.lowlevel.checkpoint()
+        except Exception as exc:
+            if self.error is None:
+                self.error = exc
+            self.stop(Outcome.ERROR)
+            return
         if not self._final_sent:
             self.stop(Outcome.DISCONNECTED)
 
@@ -214,28 +284,25 @@ class Race:
             (time.monotonic() - self._started) * 1000,
         )
 
-    async def finish(
-        self,
-        close: Callable[[], Awaitable[None]],
-        background: BackgroundTask | None,
-        policy: BackgroundPolicy,
-    ) -> None:
-        """Close the body's source, then run the background task if the policy says so.
-
-        The close runs shielded and bounded by ``cleanup_timeout``, whatever stopped the body. After
-        an outside cancellation (a server shutting down) the background task does too; otherwise it
-        runs as Starlette runs it, and its errors propagate.
-        """
+    async def _finish(self, close: Callable[[], Awaitable[None]]) -> None:
+        # The close runs shielded and bounded by cleanup_timeout, whatever stopped the body. After
+        # an outside cancellation (a server shutting down) the background task does too; otherwise
+        # it runs as Starlette runs it, and its errors propagate.
+        background = self._response.background
+        policy = self._response.background_policy
         cancelled = self.outcome is Outcome.CANCELLED
-        try:
+        if self.outcome is Outcome.COMPLETED:
+            # Nothing is cancelling this task and the iterator is exhausted: closing it is a
+            # formality, not worth a cancel scope or a task per response.
+            await _logging_errors(close, "closing the body iterator")
+            interrupted = False
+        else:
             interrupted = await shielded(close, self._cleanup_timeout, "closing the body iterator", cancelled)
-            if background is not None and (policy == "always" or self.outcome is Outcome.COMPLETED):
-                if cancelled or interrupted:
-                    interrupted |= await shielded(background, self._cleanup_timeout, "the background task", True)
-                else:
-                    await background()
-        finally:
-            _stopping.reset(self._stopping_token)
+        if background is not None and (policy == "always" or self.outcome is Outcome.COMPLETED):
+            if cancelled or interrupted:
+                interrupted |= await shielded(background, self._cleanup_timeout, "the background task", True)
+            else:
+                await background()
         if interrupted:
             raise asyncio.CancelledError
 
@@ -295,6 +362,16 @@ async def _logging_errors(func: Callable[[], Awaitable[object]], what: str) -> N
         logger.exception("Error in %s", what)
 
 
+def _wrap_websocket_denial_send(send: Send) -> Send:
+    # Vendored from Starlette 1.10 (absent before 0.42), which denies a websocket with a response.
+    async def wrapped(message: Message) -> None:
+        if message["type"] in {"http.response.start", "http.response.body"}:
+            message = {**message, "type": "websocket." + message["type"]}
+        await send(message)
+
+    return wrapped
+
+
 async def close_iterator(iterator: object) -> None:
     """Close an async or sync iterator the way its type allows: ``aclose()``, else ``close()``."""
     aclose = getattr(iterator, "aclose", None)
@@ -326,6 +403,7 @@ class SyncIterator(Generic[T]):
         self._lock = threading.Lock()
         self._running = False
         self._close_pending = False
+        self._exhausted = False
         self._closed = threading.Event()
 
     def __aiter__(self) -> AsyncIterator[T]:
@@ -345,6 +423,7 @@ class SyncIterator(Generic[T]):
         try:
             return next(self._iterator)
         except StopIteration:
+            self._exhausted = True
             raise _Exhausted from None
         finally:
             with self._lock:
@@ -354,10 +433,13 @@ class SyncIterator(Generic[T]):
                 self._close()
 
     def _close(self) -> None:
+        # Logs rather than raises: it may run in a worker thread nobody waits for any more.
         try:
             close = getattr(self._iterator, "close", None)
             if close is not None:
                 close()
+        except Exception:
+            logger.exception("Error in closing the body iterator")
         finally:
             self._closed.set()
 
@@ -369,6 +451,9 @@ class SyncIterator(Generic[T]):
             running = self._running
         if running:
             await anyio.to_thread.run_sync(self._closed.wait, abandon_on_cancel=True)
+        elif self._exhausted and inspect.isgenerator(self._iterator):
+            # A generator that returned has nothing left to close: no thread round trip for it.
+            self._closed.set()
         else:
             await anyio.to_thread.run_sync(self._close)
 
@@ -401,14 +486,21 @@ class _ShutdownWatch:
 
     def __init__(self) -> None:
         self._live: dict[Race, Callable[..., object]] = {}
+        self._checked_for: object = None
+        self._hooked_now = False
         self._stopping_all = False
         self._fallback_logged = False
 
     def add(self, race: Race) -> None:
-        if self._hooked():
+        owner, call_soon = _thread_safe_caller()
+        if owner is not self._checked_for:
+            # Looking at the handlers costs more than a small response: once per event loop.
+            self._checked_for = owner
+            self._hooked_now = self._hook()
+        if self._hooked_now:
             if self._stopping_all:
                 race.stop(Outcome.SHUTDOWN)
-            self._live[race] = _thread_safe_caller()
+            self._live[race] = call_soon
 
     def discard(self, race: Race) -> None:
         self._live.pop(race, None)
@@ -420,7 +512,7 @@ class _ShutdownWatch:
         for race, call_soon in list(self._live.items()):
             call_soon(race.stop, Outcome.SHUTDOWN)
 
-    def _hooked(self) -> bool:
+    def _hook(self) -> bool:
         if threading.current_thread() is not threading.main_thread():
             self._log_fallback("the server runs its event loop outside the main thread")
             return False
@@ -442,14 +534,14 @@ class _ShutdownWatch:
             logger.info("Streams cannot stop on a shutdown signal (%s); they end when the server cancels them", reason)
 
 
-def _thread_safe_caller() -> Callable[..., object]:
-    trio = sys.modules.get("trio")
-    if trio is not None:
-        try:
-            return trio.lowlevel.current_trio_token().run_sync_soon  # type: ignore[no-any-return]
-        except RuntimeError:
-            pass
-    return asyncio.get_running_loop().call_soon_threadsafe
+def _thread_safe_caller() -> tuple[object, Callable[..., object]]:
+    """The running event loop (or trio token), and its way to run a callback from a signal handler."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        token = sys.modules["trio"].lowlevel.current_trio_token()
+        return token, token.run_sync_soon
+    return loop, loop.call_soon_threadsafe
 
 
 _shutdown_watch = _ShutdownWatch()

@@ -43,14 +43,13 @@ ends. Intentional divergences from Starlette, each covered by a test that names 
     background task runs as after a disconnect. Starlette's last message short of the
     content-length makes the server raise a protocol error (a traceback; uvicorn's h11 leaves the
     client waiting if the app then returns), or, for several ranges, raises ``RuntimeError``.
-11. Reads the page cache can answer are copied at once in the event loop thread
-    (``preadv(RWF_NOWAIT)``, Linux), where a worker thread's round trip would cost more than
-    the copy; the others run ``os.pread`` in a worker thread. Chunks start at ``chunk_size``
-    (64 KiB, as Starlette's) and grow to ``max_chunk_size`` (1 MiB) only for a client that has
-    taken 8 MiB (socket buffers make every client look fast until then) and keeps taking at
-    least 256 MiB/s; for such a client, reads from the disk run one chunk ahead of the send. A
-    slow client holds one 64 KiB chunk, as under Starlette. The bytes are Starlette's; the
-    message boundaries are not (no empty last message when the size is a multiple of 64 KiB).
+11. Reads are ``os.pread`` calls in worker threads. Chunks start at ``chunk_size`` (64 KiB, as
+    Starlette's) and grow to ``max_chunk_size`` (1 MiB) only for a client that has taken 8 MiB
+    (socket buffers make every client look fast until then) and keeps taking at least 256 MiB/s;
+    for such a client the next chunk is read while the current one is sent. A slow client holds
+    one 64 KiB chunk, as under Starlette, where each 64 KiB costs a worker thread round trip
+    whatever the client's pace. The bytes are Starlette's; the message boundaries are not (no
+    empty last message when the size is a multiple of 64 KiB).
 12. It behaves as Starlette 1.10's on every supported Starlette: the range parsing, ``If-Range``,
     the CRLF multipart framing, the 416's ``content-range: bytes */size`` and the cap of
     100 ranges are vendored; an unknown type is ``application/octet-stream``; there is no
@@ -67,7 +66,6 @@ import errno
 import hashlib
 import os
 import stat
-import threading
 import time
 from collections.abc import AsyncIterable, Callable, Mapping, Sequence
 from email.utils import formatdate
@@ -83,7 +81,7 @@ from anyio.abc import TaskGroup
 from starlette.background import BackgroundTask
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import ContentStream, MalformedRangeHeader, PlainTextResponse, RangeNotSatisfiable
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from ._race import BackgroundPolicy, Outcome, Race, SyncIterator, close_iterator, logger
 
@@ -119,31 +117,8 @@ class StreamingResponse(starlette.responses.StreamingResponse):
         self.bytes_sent = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket":
-            send = _wrap_websocket_denial_send(send)
-        race = Race(scope, receive, send, self.send_timeout, self.cleanup_timeout)
-        try:
-            await race.run(self.stream_response)
-        finally:
-            self.outcome = race.outcome
-            self.bytes_sent = race.bytes_sent
-            await race.finish(
-                partial(close_iterator, self.body_iterator),
-                self.background,
-                self.background_policy,
-            )
-        if race.error is not None:
-            raise race.error
-
-
-def _wrap_websocket_denial_send(send: Send) -> Send:
-    # Vendored from Starlette 1.10 (absent before 0.42), which denies a websocket with a response.
-    async def wrapped(message: Message) -> None:
-        if message["type"] in {"http.response.start", "http.response.body"}:
-            message = {**message, "type": "websocket." + message["type"]}
-        await send(message)
-
-    return wrapped
+        race = Race(self, scope, receive, send)
+        await race.respond(self.stream_response, partial(close_iterator, self.body_iterator))
 
 
 # FileResponse pacing. Every client looks fast while the socket buffers fill (several MiB on
@@ -215,18 +190,9 @@ class FileResponse(starlette.responses.FileResponse):
         self.headers.setdefault("etag", etag)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket":
-            send = _wrap_websocket_denial_send(send)
-        race = Race(scope, receive, send, self.send_timeout, self.cleanup_timeout)
+        race = Race(self, scope, receive, send)
         transfer = _FileTransfer(self, scope, race)
-        try:
-            await race.run(transfer.run)
-        finally:
-            self.outcome = race.outcome
-            self.bytes_sent = race.bytes_sent
-            await race.finish(transfer.close, self.background, self.background_policy)
-        if race.error is not None:
-            raise race.error
+        await race.respond(transfer.run, transfer.close)
 
     def generate_multipart(
         self,
@@ -373,34 +339,6 @@ def _seek_and_read(fd: int, size: int, offset: int) -> bytes:
 
 _read_at: Callable[[int, int, int], bytes] = getattr(os, "pread", _seek_and_read)
 
-_RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
-_small_buffers = threading.local()
-
-
-def _small_buffer(size: int) -> memoryview:
-    # Small reads share one buffer per event loop thread, so a slow client costs no buffer of
-    # its own: nothing awaits between the read into it and the copy out of it.
-    buffer: memoryview | None = getattr(_small_buffers, "buffer", None)
-    if buffer is None or len(buffer) < size:
-        buffer = _small_buffers.buffer = memoryview(bytearray(size))
-    return buffer
-
-
-def _read_cached(fd: int, buffer: memoryview, size: int, offset: int) -> bytes | None:
-    """Read ``size`` bytes at ``offset`` through ``buffer`` if the page cache holds them all.
-
-    ``None`` otherwise, without blocking: the read then goes to a worker thread. Raises
-    ``OSError`` (``EOPNOTSUPP``) where the file system cannot tell.
-    """
-    assert _RWF_NOWAIT is not None
-    try:
-        got = os.preadv(fd, [buffer[:size]], offset, _RWF_NOWAIT)
-    except BlockingIOError:
-        return None
-    # Part of it only: the rest is on the disk, or past the end of a file that shrank. A worker
-    # thread reads the whole chunk, rather than sending a fragment now and waiting next time.
-    return bytes(buffer[:size]) if got == size else None
-
 
 class _FileTransfer:
     """One call of a ``FileResponse``: the open file, the request's choices and the body's sends."""
@@ -410,8 +348,6 @@ class _FileTransfer:
         self.scope = scope
         self.race = race
         self.fd: int | None = None
-        self.nowait = _RWF_NOWAIT is not None
-        self.buffer: memoryview | None = None
         self.pacer = _Pacer(response.chunk_size, max(response.chunk_size, response.max_chunk_size))
 
     def _open(self) -> os.stat_result:
@@ -428,7 +364,6 @@ class _FileTransfer:
         return result
 
     async def close(self) -> None:
-        self.buffer = None
         fd, self.fd = self.fd, None
         if fd is not None:
             await anyio.to_thread.run_sync(os.close, fd)
@@ -544,79 +479,27 @@ class _FileTransfer:
         fd = self.fd
         assert fd is not None
         position = start
-        upcoming: bytes | _ReadAhead | None = None
-        cold = False
+        ahead: _ReadAhead | None = None
         if start == end and last:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         while position < end:
-            if isinstance(upcoming, _ReadAhead):
-                chunk = await upcoming.result()
-            elif upcoming is not None:
-                chunk = upcoming
-            else:
+            if ahead is None:
                 size = min(self.pacer.chunk_size, end - position)
-                cached = self._read_cached(position, size)
-                cold = cached is None
-                chunk = cached if cached is not None else await self._read_in_thread(position, size)
-            upcoming = None
+                chunk = await anyio.to_thread.run_sync(_read_at, fd, size, position)
+            else:
+                chunk = await ahead.result()
+                ahead = None
             if not chunk:
                 await self._cut_short(send, end, position)
                 return False
             position += len(chunk)
-            if cold and self.pacer.fast and position < end:
-                # Divergence 11: from the disk, the next chunk is read while this one is sent;
-                # once the page cache has it (the kernel's own read-ahead caught up, or the miss
-                # was a passing lock), reads go back to the loop thread.
-                size = min(self.pacer.chunk_size, end - position)
-                upcoming = self._read_cached(position, size) if self._cached_at(position + size - 1) else None
-                if upcoming is None:
-                    upcoming = _ReadAhead(size)
-                    task_group.start_soon(upcoming.run, fd, position)
-                else:
-                    cold = False
+            if self.pacer.fast and position < end:
+                # Divergence 11: a fast client's next chunk is read while this one is sent.
+                ahead = _ReadAhead(min(self.pacer.chunk_size, end - position))
+                task_group.start_soon(ahead.run, fd, position)
             await send({"type": "http.response.body", "body": chunk, "more_body": not last or position < end})
             self.pacer.sent(len(chunk))
         return True
-
-    def _read_cached(self, offset: int, size: int) -> bytes | None:
-        # What the page cache holds is a copy away: it is read at once, in the event loop thread,
-        # just before it is sent (while it is still in the CPU cache), where a worker thread's
-        # round trip would cost more than the copy; Starlette's 64 KiB reads spend most of their
-        # time in that round trip. Only what must come from the disk goes to a worker thread.
-        if not self.nowait:
-            return None
-        assert self.fd is not None
-        if size <= self.response.chunk_size:
-            buffer = _small_buffer(size)
-        else:
-            # A fast client's large chunks go through a buffer of its own, allocated for this
-            # response: measured, a long-lived shared one made the kernel's copy into it up to
-            # 60% slower (0.39 against 0.32 CPU-s/GB overall).
-            if self.buffer is None or len(self.buffer) < size:
-                self.buffer = memoryview(bytearray(size))
-            buffer = self.buffer
-        try:
-            return _read_cached(self.fd, buffer, size, offset)
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                raise
-            self.nowait = False
-            return None
-
-    def _cached_at(self, offset: int) -> bool:
-        # One byte tells cheaply whether the kernel's read-ahead has reached the end of the next
-        # chunk, before a whole chunk is copied only to learn that part of it is missing.
-        if not self.nowait:
-            return False
-        assert self.fd is not None and _RWF_NOWAIT is not None
-        try:
-            return os.preadv(self.fd, [_small_buffer(1)[:1]], offset, _RWF_NOWAIT) == 1
-        except OSError:
-            return False
-
-    async def _read_in_thread(self, offset: int, size: int) -> bytes:
-        assert self.fd is not None
-        return await anyio.to_thread.run_sync(_read_at, self.fd, size, offset)
 
     async def _cut_short(self, send: Send, expected: int, got: int) -> None:
         # Divergence 10. Over HTTP/1 the response is left without its last message, which makes

@@ -723,7 +723,7 @@ class _BodyDecoder:
         self._state = "size"
         self._chunk_left = 0
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes | memoryview) -> list[bytes | memoryview]:
         if self.done:
             if data:
                 raise ValueError(f"{len(data)} bytes after the end of the body")
@@ -737,7 +737,7 @@ class _BodyDecoder:
             self.done = self.remaining == 0
             return [data]
         self._buffer += data
-        out: list[bytes] = []
+        out: list[bytes | memoryview] = []
         while not self.done:
             if self._state == "size":
                 end = self._buffer.find(b"\r\n")
@@ -785,15 +785,18 @@ def download(
     ``limit=None`` reads to the end of the body, then to the server's close of the connection (so
     the server's socket is closed when this returns); an ``int`` stops once at least that many body
     bytes were read and closes (RST if asked). A server that closes first ends the read early, with
-    ``complete`` false.
+    ``complete`` false. Reads go into one buffer per call, so that many concurrent downloads do not
+    churn the allocator of the process they measure.
     """
     sock = _connect(port, timeout)
+    buffer = bytearray(256 * 1024)
     try:
         _send_request(sock, path, headers)
-        head, data = _read_head(sock)
+        head, rest = _read_head(sock)
         decoder = _BodyDecoder(head)
         hasher = hashlib.sha256()
         received = 0
+        data: bytes | memoryview = rest
         while True:
             for piece in decoder.feed(data):
                 hasher.update(piece)
@@ -801,13 +804,14 @@ def download(
             if limit is not None and received >= limit and not decoder.done:
                 break
             try:
-                data = sock.recv(1 << 20)
+                count = sock.recv_into(buffer)
             except ConnectionResetError:
                 break
-            if not data:
+            if not count:
                 if decoder.remaining is None and not decoder.chunked:
                     decoder.done = True
                 break
+            data = memoryview(buffer)[:count]
     finally:
         _abort(sock, rst)
     return Download(head, received, hasher.hexdigest(), decoder.done)
@@ -825,3 +829,22 @@ def request_then_leave(
 
 
 __all__ += ["Download", "download", "request_then_leave"]
+
+
+@contextlib.contextmanager
+def open_response(
+    port: int, path: str, headers: Sequence[tuple[str, str]] | None = None
+) -> Iterator[tuple[Response, socket.socket, bytes]]:
+    """GET ``path`` over HTTP/1.1 and read the response head; yield it, the socket (to read on, or to
+    leave open while the test waits for the app) and the body bytes that came with the head. Closes
+    the socket on exit."""
+    sock = _connect(port)
+    try:
+        _send_request(sock, path, headers)
+        head, rest = _read_head(sock)
+        yield head, sock, rest
+    finally:
+        sock.close()
+
+
+__all__ += ["open_response"]

@@ -153,16 +153,6 @@ def fast(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(disconnect_responses.responses, "_FAST_RATE", 1)
 
 
-@pytest.fixture(params=["page-cache", "worker-thread"])
-def read_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a test with reads answered from the page cache in the loop, and with every read in a thread."""
-    if request.param == "worker-thread":
-        monkeypatch.setattr(disconnect_responses.responses, "_RWF_NOWAIT", None)
-    elif disconnect_responses.responses._RWF_NOWAIT is None:
-        pytest.skip("RWF_NOWAIT is Linux only")
-    return str(request.param)
-
-
 RANGES = [
     pytest.param([], id="plain"),
     pytest.param([("range", "bytes=1000-")], id="single-range"),
@@ -173,7 +163,6 @@ RANGES = [
 # Completion
 
 
-@pytest.mark.usefixtures("read_path")
 @pytest.mark.parametrize("speed", ["slow", "fast"])
 @pytest.mark.parametrize("headers", RANGES)
 async def test_divergence_11_bytes_identical_at_every_pace(
@@ -226,7 +215,6 @@ async def test_divergence_11_empty_file(tmp_path: Path) -> None:
 # Disconnects
 
 
-@pytest.mark.usefixtures("read_path")
 @pytest.mark.parametrize("speed", ["slow", "fast"])
 @pytest.mark.parametrize("headers", RANGES)
 async def test_divergence_3_disconnect_stops_within_one_chunk(
@@ -293,7 +281,6 @@ async def test_divergence_11_disconnect_during_a_read_waits_for_it(
     file: Path, opened: OpenedFiles, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A read still running in a worker thread is waited for: the descriptor outlives it, then closes."""
-    monkeypatch.setattr(disconnect_responses.responses, "_RWF_NOWAIT", None)
     reading = anyio.Event()
     release = threading.Event()
     real_read_at = disconnect_responses.responses._read_at
@@ -599,32 +586,3 @@ async def test_divergence_11_slow_client_never_gets_large_chunks(file: Path, mon
     server = FakeServer()
     await call(FileResponse(file), http_scope(), server)
     assert max(iter_chunks(server.messages)) == FileResponse.chunk_size
-
-
-@pytest.mark.usefixtures("fast")
-async def test_divergence_11_a_passing_page_cache_miss_returns_to_the_loop_thread(
-    file: Path, data: bytes, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """One miss sends one chunk to a worker thread; the next chunks come from the page cache again."""
-    if disconnect_responses.responses._RWF_NOWAIT is None:
-        pytest.skip("RWF_NOWAIT is Linux only")
-    real_read_cached = disconnect_responses.responses._read_cached
-    real_read_at = disconnect_responses.responses._read_at
-    misses = iter([True])
-    thread_reads: list[int] = []
-
-    def flaky_read_cached(fd: int, buffer: memoryview, size: int, offset: int) -> bytes | None:
-        if size > FileResponse.chunk_size and next(misses, False):
-            return None
-        return real_read_cached(fd, buffer, size, offset)
-
-    def counting_read_at(fd: int, size: int, offset: int) -> bytes:
-        thread_reads.append(offset)
-        return real_read_at(fd, size, offset)
-
-    monkeypatch.setattr(disconnect_responses.responses, "_read_cached", flaky_read_cached)
-    monkeypatch.setattr(disconnect_responses.responses, "_read_at", counting_read_at)
-    server = FakeServer()
-    await call(FileResponse(file), http_scope(), server)
-    assert server.body == data
-    assert len(thread_reads) == 1

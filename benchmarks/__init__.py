@@ -1,0 +1,1 @@
+"""Benchmarks of disconnect-responses against Starlette; see README.md. Never collected by pytest."""

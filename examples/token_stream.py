@@ -1,0 +1,65 @@
+"""An LLM-style token stream as server-sent events: bursts of tokens separated by idle gaps of seconds.
+
+Run it from the repository root and interrupt curl during a pause: the generator is closed at once,
+not at the end of the pause (``TOKEN_GAP`` sets the pause, in seconds)::
+
+    uvicorn examples.token_stream:app --port 8000
+    curl -N http://127.0.0.1:8000/tokens
+
+The response listens for the disconnect while the generator waits, so a producer waiting on its
+model (here ``anyio.sleep``) is cancelled there, and its ``finally`` runs (the place to cancel the
+generation upstream), followed by the background task, which records usage either way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+
+import anyio
+from fastapi import BackgroundTasks, FastAPI
+
+from disconnect_responses import StreamingResponse
+
+logger = logging.getLogger("examples.token_stream")
+
+Observer = Callable[[str], None]
+
+
+def _log(event: str) -> None:
+    logger.info("%s", event)
+
+
+def create_app(*, burst: int = 20, token_interval: float = 0.01, gap: float = 3.0, observe: Observer = _log) -> FastAPI:
+    """``GET /tokens``: endless bursts of ``burst`` tokens, ``token_interval`` s apart, ``gap`` s between bursts.
+
+    ``observe`` is told "token", "idle" (a gap begins), "closed" (the generator's ``finally``) and
+    "usage recorded" (the background task).
+    """
+    app = FastAPI()
+
+    async def tokens() -> AsyncIterator[str]:
+        try:
+            count = 0
+            while True:
+                for _ in range(burst):
+                    count += 1
+                    observe("token")
+                    yield f"data: token {count}\n\n"
+                    await anyio.sleep(token_interval)
+                observe("idle")
+                await anyio.sleep(gap)
+        finally:
+            # Cancel the generation upstream here: the client is gone or the stream ended.
+            observe("closed")
+
+    @app.get("/tokens")
+    async def stream(background_tasks: BackgroundTasks) -> StreamingResponse:
+        background_tasks.add_task(observe, "usage recorded")
+        return StreamingResponse(tokens(), media_type="text/event-stream")
+
+    return app
+
+
+app = create_app(gap=float(os.environ.get("TOKEN_GAP", "3.0")))

@@ -1,0 +1,28 @@
+"""The benchmark runs end to end on tiny sizes; its figures are not checked, only that every case reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import disconnect_responses
+from benchmarks.bench import main
+
+
+def test_every_case_reports_both_implementations(tmp_path: Path) -> None:
+    json_path, markdown_path = tmp_path / "results.json", tmp_path / "results.md"
+    argv = "--size 2M --repeat 1 --seconds 0.2 --readers 4 --memory-seconds 0.2 --client python --no-nginx".split()
+    argv += ["--cache-dir", str(tmp_path), "--json", str(json_path), "--markdown", str(markdown_path)]
+
+    assert main(argv) == 0
+
+    rows = json.loads(json_path.read_text())["rows"]
+    cases = " ".join(row["case"] for row in rows)
+    expected = ["stream from memory", "sync iterator", "disconnect, sync iterator", "1 KiB streamed", "small requests"]
+    if hasattr(disconnect_responses, "FileResponse"):
+        expected += ["file, single range", "disconnect, file", "slow readers of the file"]
+    for case in expected:
+        assert case in cases
+    for row in rows:
+        assert len(row["baseline_values"]) == len(row["ours"]) == 1, row
+    assert "| case | unit | baseline |" in markdown_path.read_text()
