@@ -7,7 +7,7 @@ ends. Intentional divergences from Starlette, each covered by a test that names 
    relies on ``send()`` raising, which never happens while a producer waits for its upstream.
 2. ``OSError`` or ``ClientDisconnect`` from ``send()`` ends the response quietly as a
    disconnect instead of escaping to the server log: the client is gone, nothing failed.
-3. The guarded ``send`` gives the event loop a turn every 256 KiB, so a producer that never
+3. The guarded ``send`` gives the event loop a turn every 512 KiB, so a producer that never
    awaits cannot starve the listener and push the rest of its body into a dead socket; once the
    disconnect is known, no further chunk is handed to the server.
 4. The body iterator is always closed (``aclose()``, or ``close()`` in a worker thread for a sync
