@@ -64,6 +64,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import logging
 import os
@@ -72,6 +73,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Final, cast
 
 import h2.config
@@ -848,3 +850,33 @@ def open_response(
 
 
 __all__ += ["open_response"]
+
+
+# Shared by the FileResponse test modules (the ``opened`` fixture lives in conftest.py).
+
+
+class OpenedFiles:
+    """The descriptors opened for files under one directory, recorded by the ``opened`` fixture."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = str(directory)
+        self.fds: list[tuple[int, os.stat_result]] = []
+
+    def only(self) -> int:
+        assert len(self.fds) == 1, self.fds
+        return self.fds[0][0]
+
+    def closed(self) -> bool:
+        """Whether every recorded descriptor is closed (or reused for some other file since)."""
+        for fd, opened in self.fds:
+            try:
+                now = os.fstat(fd)
+            except OSError as exc:
+                assert exc.errno == errno.EBADF
+                continue
+            if (now.st_dev, now.st_ino) == (opened.st_dev, opened.st_ino):
+                return False
+        return True
+
+
+__all__ += ["OpenedFiles"]

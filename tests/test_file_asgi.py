@@ -18,6 +18,8 @@ from starlette.types import Message, Scope
 import disconnect_responses.responses
 from disconnect_responses import FileResponse, Outcome, stopping
 
+from .servers import OpenedFiles
+
 pytestmark = pytest.mark.anyio
 
 SIZE = 3 * 1024 * 1024 + 123
@@ -39,44 +41,6 @@ def file(tmp_path: Path, data: bytes) -> Path:
 def append(path: Path, extra: bytes) -> None:
     with open(path, "ab") as handle:
         handle.write(extra)
-
-
-class OpenedFiles:
-    """The descriptors FileResponse opened, recorded by wrapping ``os.open``."""
-
-    def __init__(self) -> None:
-        self.fds: list[tuple[int, os.stat_result]] = []
-
-    def only(self) -> int:
-        assert len(self.fds) == 1, self.fds
-        return self.fds[0][0]
-
-    def closed(self) -> bool:
-        """Whether every recorded descriptor is closed (or reused for some other file since)."""
-        for fd, opened in self.fds:
-            try:
-                now = os.fstat(fd)
-            except OSError as exc:
-                assert exc.errno == errno.EBADF
-                continue
-            if (now.st_dev, now.st_ino) == (opened.st_dev, opened.st_ino):
-                return False
-        return True
-
-
-@pytest.fixture
-def opened(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> OpenedFiles:
-    files = OpenedFiles()
-    real_open = os.open
-
-    def recording_open(path: str, flags: int, *args: int, **kwargs: object) -> int:
-        fd = real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]
-        if str(path).startswith(str(tmp_path)):
-            files.fds.append((fd, os.fstat(fd)))
-        return fd
-
-    monkeypatch.setattr(os, "open", recording_open)
-    return files
 
 
 def http_scope(

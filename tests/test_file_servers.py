@@ -7,7 +7,6 @@ closed when the background task started.
 
 from __future__ import annotations
 
-import errno
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from disconnect_responses import FileResponse, Outcome
 
-from .servers import SERVER_KINDS, Recorder, Response, client_fetch, partial_read_with_headers, serve
+from .servers import SERVER_KINDS, OpenedFiles, Recorder, Response, client_fetch, partial_read_with_headers, serve
 
 SIZE = 8 * 1024 * 1024 + 321
 PARTIAL = 256 * 1024
@@ -41,40 +40,6 @@ def file(tmp_path: Path, data: bytes) -> Path:
     path = tmp_path / "data.bin"
     path.write_bytes(data)
     return path
-
-
-class OpenedFiles:
-    """The descriptors opened for files under one directory, recorded by wrapping ``os.open``."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = str(directory)
-        self.fds: list[tuple[int, os.stat_result]] = []
-
-    def closed(self) -> bool:
-        for fd, opened in list(self.fds):
-            try:
-                now = os.fstat(fd)
-            except OSError as exc:
-                assert exc.errno == errno.EBADF
-                continue
-            if (now.st_dev, now.st_ino) == (opened.st_dev, opened.st_ino):
-                return False
-        return True
-
-
-@pytest.fixture
-def opened(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> OpenedFiles:
-    files = OpenedFiles(tmp_path)
-    real_open = os.open
-
-    def recording_open(path: str, flags: int, *args: int, **kwargs: object) -> int:
-        fd = real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]
-        if str(path).startswith(files.directory):
-            files.fds.append((fd, os.fstat(fd)))
-        return fd
-
-    monkeypatch.setattr(os, "open", recording_open)
-    return files
 
 
 def file_app(
