@@ -18,10 +18,11 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+import types
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Iterator
 from contextvars import ContextVar
 from types import FrameType
-from typing import Generic, Literal, Protocol, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import anyio
 import anyio.from_thread
@@ -66,6 +67,11 @@ class Outcome(str, enum.Enum):
 _current_race: ContextVar[Race] = ContextVar("disconnect_responses.race")
 
 
+def current_race() -> Race:
+    """The race of the response whose body runs in this context; ``LookupError`` outside one."""
+    return _current_race.get()
+
+
 def stopping() -> anyio.Event:
     """Return the event that is set when the response streaming the current body is ending.
 
@@ -77,7 +83,7 @@ def stopping() -> anyio.Event:
     Raises ``LookupError`` outside such a body.
     """
     try:
-        race = _current_race.get()
+        race = current_race()
     except LookupError:
         raise LookupError("stopping() is only available inside the body of a disconnect_responses response") from None
     if threading.get_ident() != race.loop_thread:
@@ -115,6 +121,7 @@ class Race:
     _final_sent = False
     _start_headers: Iterable[tuple[bytes, bytes]] | None = None
     _cancel_scope: anyio.CancelScope | None = None
+    _guard: anyio.CancelScope | None = None
 
     def __init__(self, response: Guarded, scope: Scope, receive: Receive, send: Send) -> None:
         self.loop_thread = threading.get_ident()
@@ -177,7 +184,10 @@ class Race:
                 if self._send_timeout is not None:
                     task_group.start_soon(self._watch_sends, self._send_timeout)
                 try:
-                    await body(self.send)
+                    # Shielded by pull() once the race is decided, so that a producer's cleanup
+                    # can await; bounded by its deadline.
+                    with anyio.CancelScope() as self._guard:
+                        await body(self.send)
                 except _Stopped:
                     pass
                 except Exception as exc:
@@ -193,6 +203,8 @@ class Race:
             raise
         finally:
             _shutdown_watch.discard(self)
+            if self._guard is not None and self._guard.cancel_called:
+                logger.warning("Gave up waiting for the body iterator's cleanup after %s s", self._cleanup_timeout)
             if self.outcome not in (None, Outcome.COMPLETED, Outcome.ERROR):
                 self._log_interruption()
 
@@ -209,6 +221,43 @@ class Race:
                 await self._send({"type": "http.response.body", "body": b"", "more_body": False})
             except (OSError, ClientDisconnect):
                 pass
+
+    @types.coroutine
+    def pull(self, iterator: AsyncIterator[T]) -> Generator[Any, Any, T]:
+        """Await ``iterator.__anext__()``, letting the producer's own cleanup await once stopped.
+
+        A stop cancels the body where it waits, in the producer if it is awaiting its upstream
+        there; the cancellation is level-triggered, so an ``async with`` whose ``__aexit__`` awaits
+        (closing a client, releasing a lock) would be cut at its first await. This drives the
+        producer step by step instead of with ``await``: the first time the producer resumes once
+        the race is decided, which is the cancellation arriving, the guard around the body is
+        shielded, with ``cleanup_timeout`` as its deadline, before the producer runs on. A producer
+        that never awaits takes one ``send()`` into it and costs no more than ``await``.
+        """
+        step = iterator.__anext__().__await__()
+        message: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                yielded = step.send(message) if error is None else step.throw(error)
+            except StopIteration as done:
+                value: T = done.value
+                return value
+            finally:
+                # An exception raised from here carries this frame: keeping it in a local would
+                # make a cycle that holds the producer's frames until the garbage collector runs.
+                message = error = None
+            try:
+                message, error = (yield yielded), None
+            except GeneratorExit:
+                step.close()
+                raise
+            except BaseException as exc:
+                message, error = None, exc
+            guard = self._guard
+            if self._stopped and guard is not None and not guard.shield:
+                guard.shield = True
+                guard.deadline = anyio.current_time() + self._cleanup_timeout
 
     async def send(self, message: Message) -> None:
         if self._stopped:

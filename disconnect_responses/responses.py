@@ -57,6 +57,14 @@ ends. Intentional divergences from Starlette, each covered by a test that names 
 13. The background task also runs after a 400, 416, 404 or 403 answer (outcome ``COMPLETED``);
     Starlette returns before it for a bad range and raises for a missing file.
     ``http.response.pathsend`` counts the file size in ``bytes_sent``.
+
+``StreamingResponse`` also diverges in this way:
+
+14. A producer stopped while it awaits its upstream takes the cancellation once, where it waits:
+    from there its own cleanup (a ``finally``, an ``__aexit__`` that closes a client or releases
+    a lock) runs shielded, bounded by ``cleanup_timeout``. ``stream_response`` pulls each item
+    step by step for this (``Race.pull``). Under Starlette the cancellation is level-triggered
+    (AnyIO's), so that cleanup is cut at its first await.
 """
 
 from __future__ import annotations
@@ -83,7 +91,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import ContentStream, MalformedRangeHeader, PlainTextResponse, RangeNotSatisfiable
 from starlette.types import Receive, Scope, Send
 
-from ._race import BackgroundPolicy, Outcome, Race, SyncIterator, close_iterator, logger
+from ._race import BackgroundPolicy, Outcome, Race, SyncIterator, close_iterator, current_race, logger
 
 
 class StreamingResponse(starlette.responses.StreamingResponse):
@@ -119,6 +127,21 @@ class StreamingResponse(starlette.responses.StreamingResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         race = Race(self, scope, receive, send)
         await race.respond(self.stream_response, partial(close_iterator, self.body_iterator))
+
+    async def stream_response(self, send: Send) -> None:
+        # Starlette's loop, with each item pulled through the race (divergence 14).
+        pull = current_race().pull
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        iterator = self.body_iterator.__aiter__()
+        while True:
+            try:
+                chunk = await pull(iterator)
+            except StopAsyncIteration:
+                break
+            if not isinstance(chunk, (bytes, memoryview)):
+                chunk = chunk.encode(self.charset)
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 # FileResponse pacing. Every client looks fast while the socket buffers fill (several MiB on

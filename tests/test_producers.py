@@ -629,18 +629,11 @@ def test_aexit_that_never_ends_is_bounded_by_cleanup_timeout(
     server.assert_no_errors()
 
 
-@pytest.mark.parametrize("shield", [True, False])
-@pytest.mark.parametrize("kind", KINDS)
-def test_aexit_when_interrupted_at_an_upstream_await(kind: str, shield: bool, recorder: Recorder) -> None:
-    """The generator is awaiting its upstream when the client leaves: the cancellation that stops the
-    body lands at that await (standard anyio semantics), and ``__aexit__`` runs inside the cancelled
-    scope. A shielded ``__aexit__`` completes; an unshielded one is cut at its first await, as anywhere
-    under anyio. Either way the iterator is closed and the background task runs after it."""
-
+def interrupted_at_an_upstream_await(*, shield: bool = False, hang: bool = False) -> Producer:
     def producer(recorder: Recorder) -> AsyncIterator[bytes]:
         async def produce() -> AsyncIterator[bytes]:
             try:
-                async with Upstream(recorder, shield=shield):
+                async with Upstream(recorder, shield=shield, hang=hang):
                     yield CHUNK
                     recorder.record("waiting on upstream")
                     await anyio.sleep_forever()
@@ -649,18 +642,46 @@ def test_aexit_when_interrupted_at_an_upstream_await(kind: str, shield: bool, re
 
         return produce()
 
-    with serve(make_app(recorder, producer), kind) as server:
+    return producer
+
+
+@pytest.mark.parametrize("shield", [True, False])
+@pytest.mark.parametrize("kind", KINDS)
+def test_aexit_when_interrupted_at_an_upstream_await(kind: str, shield: bool, recorder: Recorder) -> None:
+    """The generator is awaiting its upstream when the client leaves: the cancellation that stops the
+    body lands at that await, and from there the ``__aexit__`` runs shielded (divergence 14), so its
+    awaits complete whether or not it shields itself, before the background task."""
+    with serve(make_app(recorder, interrupted_at_an_upstream_await(shield=shield)), kind) as server:
         leave_when(server, recorder, "waiting on upstream")
         response = finished(recorder)
         recorder.wait_for("background ran")
     assert response.outcome is Outcome.DISCONNECTED
     [exc_type] = recorder.values("exit started")
     assert isinstance(exc_type, type) and exc_type.__name__ in ("CancelledError", "Cancelled")
-    if shield:
-        assert recorder.index("exit finished") < recorder.index("background ran")
-    else:
-        assert "exit finished" not in recorder.names()
+    assert recorder.index("exit finished") < recorder.index("background ran")
     assert_closed_then_background(recorder)
+    server.assert_no_errors()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_aexit_interrupted_at_an_upstream_await_is_bounded_by_cleanup_timeout(
+    kind: str, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An ``__aexit__`` that never finishes after the cancellation holds the response ``cleanup_timeout``
+    and no longer: it is cancelled with a warning, and the background task runs."""
+    app = make_app(recorder, interrupted_at_an_upstream_await(hang=True), response_class=QuickCleanup)
+    with serve(app, kind) as server:
+        leave_when(server, recorder, "waiting on upstream")
+        response = finished(recorder)
+        events = recorder.wait_for("background ran")
+    assert response.outcome is Outcome.DISCONNECTED
+    times = {event.name: event.time for event in events}
+    held = times["background ran"] - times["exit started"]
+    assert QuickCleanup.cleanup_timeout * 0.9 <= held < QuickCleanup.cleanup_timeout + 2.0
+    assert "exit finished" not in recorder.names()
+    assert_closed_then_background(recorder)
+    [warning] = library_records(caplog, logging.WARNING)
+    assert warning.getMessage() == "Gave up waiting for the body iterator's cleanup after 0.2 s"
     server.assert_no_errors()
 
 

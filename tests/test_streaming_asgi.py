@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 
 import anyio
 import anyio.from_thread
@@ -664,6 +664,85 @@ async def test_divergence_5_a_blocked_next_is_abandoned_and_closed_when_it_retur
     assert log.events == ["background", "closed"]
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
     assert any("iterator" in message and "0.05 s" in message for message in warnings), warnings
+
+
+def interrupted_at_an_upstream_await(
+    log: Log, client: FakeClient, cleanup: Callable[[], Awaitable[None]]
+) -> AsyncIterator[bytes]:
+    """Yields one chunk, then makes the client leave while it waits for its upstream; its ``finally``
+    runs ``cleanup``, between two log entries."""
+
+    async def produce() -> AsyncIterator[bytes]:
+        try:
+            yield CHUNK
+            client.leave()
+            await anyio.sleep_forever()
+        finally:
+            log.append("cleanup started")
+            await cleanup()
+            log.append("cleanup finished")
+
+    return produce()
+
+
+async def awaits_twice() -> None:
+    # Under a level-triggered cancellation the first of these would already raise.
+    await anyio.lowlevel.checkpoint()
+    await anyio.sleep(0.01)
+
+
+@pytest.mark.parametrize("spec_version", SPEC_VERSIONS)
+async def test_divergence_14_cleanup_interrupted_at_an_upstream_await_can_await(spec_version: str | None) -> None:
+    """The cancellation lands where the producer waits for its upstream; its cleanup there (a
+    ``finally``, an ``__aexit__``) then awaits to its end, before the background task."""
+    log = Log()
+    client = FakeClient(spec_version)
+    response = StreamingResponse(interrupted_at_an_upstream_await(log, client, awaits_twice), background=log.task())
+    await run(response, client)
+    assert response.outcome is Outcome.DISCONNECTED
+    assert log.events == ["cleanup started", "cleanup finished", "background"]
+
+
+async def test_divergence_14_cleanup_that_never_ends_is_bounded_by_cleanup_timeout(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A cleanup that waits forever is cancelled after ``cleanup_timeout``, with a warning; the background
+    task still runs."""
+    caplog.set_level(logging.WARNING, logger="disconnect_responses")
+    log = Log()
+    client = FakeClient()
+    response = StreamingResponse(
+        interrupted_at_an_upstream_await(log, client, anyio.sleep_forever), background=log.task()
+    )
+    response.cleanup_timeout = 0.05
+    await run(response, client)
+    assert response.outcome is Outcome.DISCONNECTED
+    assert log.events == ["cleanup started", "background"]
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert warnings == ["Gave up waiting for the body iterator's cleanup after 0.05 s"]
+
+
+async def test_divergence_14_a_producers_own_timeout_leaves_it_cancellable() -> None:
+    """A timeout inside the producer cancels only what it wraps: a later disconnect still stops the
+    producer at once, not after ``cleanup_timeout``."""
+    log = Log()
+    client = FakeClient()
+
+    async def produce() -> AsyncIterator[bytes]:
+        try:
+            with anyio.move_on_after(0.01):
+                await anyio.sleep_forever()
+            yield CHUNK
+            client.leave()
+            await anyio.sleep_forever()
+        finally:
+            log.append("closed")
+
+    response = StreamingResponse(produce(), background=log.task())
+    response.cleanup_timeout = WATCHDOG * 10
+    await run(response, client)
+    assert response.outcome is Outcome.DISCONNECTED
+    assert log.events == ["closed", "background"]
 
 
 async def test_divergence_7_new_options_and_attributes() -> None:
