@@ -117,7 +117,7 @@ class Race:
     _stopping: anyio.Event | None = None
     _stopped = False
     _send_began: float | None = None
-    _unyielded = 0
+    _yield_at = YIELD_EVERY_BYTES
     _final_sent = False
     _start_headers: Iterable[tuple[bytes, bytes]] | None = None
     _cancel_scope: anyio.CancelScope | None = None
@@ -223,32 +223,21 @@ class Race:
                 pass
 
     @types.coroutine
-    def pull(self, iterator: AsyncIterator[T]) -> Generator[Any, Any, T]:
-        """Await ``iterator.__anext__()``, letting the producer's own cleanup await once stopped.
+    def resume(self, step: Generator[Any, Any, T], suspended: Any) -> Generator[Any, Any, T]:
+        """Drive ``step``, a producer's ``__anext__()`` that suspended on ``suspended``, to its end.
 
         A stop cancels the body where it waits, in the producer if it is awaiting its upstream
         there; the cancellation is level-triggered, so an ``async with`` whose ``__aexit__`` awaits
-        (closing a client, releasing a lock) would be cut at its first await. This drives the
-        producer step by step instead of with ``await``: the first time the producer resumes once
-        the race is decided, which is the cancellation arriving, the guard around the body is
-        shielded, with ``cleanup_timeout`` as its deadline, before the producer runs on. A producer
-        that never awaits takes one ``send()`` into it and costs no more than ``await``.
+        (closing a client, releasing a lock) would be cut at its first await. Driving the producer
+        step by step instead of with ``await`` shows the first time it resumes once the race is
+        decided, which is the cancellation arriving: then, before the producer runs on, the guard
+        around the body is shielded, with ``cleanup_timeout`` as its deadline.
         """
-        step = iterator.__anext__().__await__()
         message: Any = None
         error: BaseException | None = None
         while True:
             try:
-                yielded = step.send(message) if error is None else step.throw(error)
-            except StopIteration as done:
-                value: T = done.value
-                return value
-            finally:
-                # An exception raised from here carries this frame: keeping it in a local would
-                # make a cycle that holds the producer's frames until the garbage collector runs.
-                message = error = None
-            try:
-                message, error = (yield yielded), None
+                message, error = (yield suspended), None
             except GeneratorExit:
                 step.close()
                 raise
@@ -258,6 +247,15 @@ class Race:
             if self._stopped and guard is not None and not guard.shield:
                 guard.shield = True
                 guard.deadline = anyio.current_time() + self._cleanup_timeout
+            try:
+                suspended = step.send(message) if error is None else step.throw(error)
+            except StopIteration as done:
+                value: T = done.value
+                return value
+            finally:
+                # An exception raised from here carries this frame: keeping it in a local would
+                # make a cycle that holds the producer's frames until the garbage collector runs.
+                message = error = None
 
     async def send(self, message: Message) -> None:
         if self._stopped:
@@ -277,15 +275,14 @@ class Race:
             self.stop(Outcome.DISCONNECTED)
             raise _Stopped from None
         self._send_began = None
-        sent = len(message.get("body", b""))
-        self.bytes_sent += sent
-        if self._stopped and more_body:
-            # The race was decided while this send waited: pull nothing more from the producer.
-            raise _Stopped
-        self._unyielded += sent
-        if self._unyielded >= YIELD_EVERY_BYTES and more_body:
-            self._unyielded = 0
-            await anyio.lowlevel.checkpoint()
+        sent = self.bytes_sent = self.bytes_sent + len(message.get("body", b""))
+        if more_body:
+            if self._stopped:
+                # The race was decided while this send waited: pull nothing more from the producer.
+                raise _Stopped
+            if sent >= self._yield_at:
+                self._yield_at = sent + YIELD_EVERY_BYTES
+                await anyio.lowlevel.checkpoint()
 
     async def _send_start(self, message: Message) -> None:
         self._start_headers = message.get("headers", ())

@@ -44,7 +44,7 @@ ends. Intentional divergences from Starlette, each covered by a test that names 
     content-length makes the server raise a protocol error (a traceback; uvicorn's h11 leaves the
     client waiting if the app then returns), or, for several ranges, raises ``RuntimeError``.
 11. Reads are ``os.pread`` calls in worker threads. Chunks start at ``chunk_size`` (64 KiB, as
-    Starlette's) and grow to ``max_chunk_size`` (1 MiB) only for a client that has taken 8 MiB
+    Starlette's) and grow to ``max_chunk_size`` (4 MiB) only for a client that has taken 8 MiB
     (socket buffers make every client look fast until then) and keeps taking at least 256 MiB/s;
     for such a client the next chunk is read while the current one is sent. A slow client holds
     one 64 KiB chunk, as under Starlette, where each 64 KiB costs a worker thread round trip
@@ -63,7 +63,7 @@ ends. Intentional divergences from Starlette, each covered by a test that names 
 14. A producer stopped while it awaits its upstream takes the cancellation once, where it waits:
     from there its own cleanup (a ``finally``, an ``__aexit__`` that closes a client or releases
     a lock) runs shielded, bounded by ``cleanup_timeout``. ``stream_response`` pulls each item
-    step by step for this (``Race.pull``). Under Starlette the cancellation is level-triggered
+    by hand for this (``Race.resume``). Under Starlette the cancellation is level-triggered
     (AnyIO's), so that cleanup is cut at its first await.
 """
 
@@ -129,13 +129,21 @@ class StreamingResponse(starlette.responses.StreamingResponse):
         await race.respond(self.stream_response, partial(close_iterator, self.body_iterator))
 
     async def stream_response(self, send: Send) -> None:
-        # Starlette's loop, with each item pulled through the race (divergence 14).
-        pull = current_race().pull
+        # Starlette's loop, except that each item is pulled by hand (divergence 14): an item that
+        # is ready at once costs one send() into the producer; one it must await for is finished
+        # by the race, which shields the producer's cleanup if the response stops meanwhile.
+        resume = current_race().resume
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         iterator = self.body_iterator.__aiter__()
         while True:
+            step = iterator.__anext__().__await__()
             try:
-                chunk = await pull(iterator)
+                try:
+                    suspended = step.send(None)
+                except StopIteration as ready:
+                    chunk = ready.value
+                else:
+                    chunk = await resume(step, suspended)
             except StopAsyncIteration:
                 break
             if not isinstance(chunk, (bytes, memoryview)):
@@ -168,7 +176,7 @@ class FileResponse(starlette.responses.FileResponse):
     """
 
     chunk_size = 64 * 1024
-    max_chunk_size = 1024 * 1024
+    max_chunk_size = 4 * 1024 * 1024
     max_ranges = 100
     cleanup_timeout: float = 5.0
 
