@@ -229,9 +229,10 @@ class Race:
         A stop cancels the body where it waits, in the producer if it is awaiting its upstream
         there; the cancellation is level-triggered, so an ``async with`` whose ``__aexit__`` awaits
         (closing a client, releasing a lock) would be cut at its first await. Driving the producer
-        step by step instead of with ``await`` shows the first time it resumes once the race is
-        decided, which is the cancellation arriving: then, before the producer runs on, the guard
-        around the body is shielded, with ``cleanup_timeout`` as its deadline.
+        step by step instead of with ``await`` shows when it resumes with the stop's cancellation:
+        then, before the producer runs on, the guard around the body is shielded, with
+        ``cleanup_timeout`` as its deadline. A producer that resumes without it (from a shielded
+        scope or a worker thread) takes it at its next await.
         """
         message: Any = None
         error: BaseException | None = None
@@ -244,11 +245,23 @@ class Race:
             except BaseException as exc:
                 message, error = None, exc
             guard = self._guard
-            if self._stopped and guard is not None and not guard.shield:
+            if self._stopped and guard is not None and not guard.shield and _cancels(suspended, message, error):
+                # Shielded, the guard ends the look at the scopes inside it: a cancelled one (the
+                # producer's own timeout, trio's checkpoint) owns this cancellation and would
+                # catch it if the guard stayed shielded. Then the stop's cancellation goes on
+                # through it unshielded, and the shield waits for the next one.
                 guard.shield = True
-                guard.deadline = anyio.current_time() + self._cleanup_timeout
+                now = anyio.current_time()
+                if anyio.current_effective_deadline() > now:
+                    guard.deadline = now + self._cleanup_timeout
+                else:
+                    guard.shield = False
             try:
-                suspended = step.send(message) if error is None else step.throw(error)
+                if error is not None:
+                    suspended = step.throw(error)
+                else:
+                    # next() as await does it: an __await__ may return a plain iterator.
+                    suspended = next(step) if message is None else step.send(message)
             except StopIteration as done:
                 value: T = done.value
                 return value
@@ -360,6 +373,17 @@ class Race:
                 await background()
         if interrupted:
             raise asyncio.CancelledError
+
+
+def _cancels(suspended: Any, message: Any, error: BaseException | None) -> bool:
+    """Whether a task resumes with a cancellation: thrown in (asyncio, a task that was not waiting
+    on a future), through the future it waited on (asyncio), or as trio's ``Error`` outcome."""
+    cancelled = anyio.get_cancelled_exc_class()
+    if error is not None:
+        return isinstance(error, cancelled)
+    if isinstance(suspended, asyncio.Future):
+        return suspended.cancelled()
+    return isinstance(getattr(message, "error", None), cancelled)
 
 
 async def shielded(func: Callable[[], Awaitable[object]], limit: float, what: str, teardown: bool) -> bool:

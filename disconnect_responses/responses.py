@@ -65,6 +65,8 @@ ends. Intentional divergences from Starlette, each covered by a test that names 
     a lock) runs shielded, bounded by ``cleanup_timeout``. ``stream_response`` pulls each item
     by hand for this (``Race.resume``). Under Starlette the cancellation is level-triggered
     (AnyIO's), so that cleanup is cut at its first await.
+    Where the stop arrives through a cancelled scope of the producer's own, the cleanup runs as
+    under Starlette (README, "Stopping upstream work").
 """
 
 from __future__ import annotations
@@ -130,7 +132,7 @@ class StreamingResponse(starlette.responses.StreamingResponse):
 
     async def stream_response(self, send: Send) -> None:
         # Starlette's loop, except that each item is pulled by hand (divergence 14): an item that
-        # is ready at once costs one send() into the producer; one it must await for is finished
+        # is ready at once costs one next() of the producer; one it must await for is finished
         # by the race, which shields the producer's cleanup if the response stops meanwhile.
         resume = current_race().resume
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
@@ -139,7 +141,7 @@ class StreamingResponse(starlette.responses.StreamingResponse):
             step = iterator.__anext__().__await__()
             try:
                 try:
-                    suspended = step.send(None)
+                    suspended = next(step)
                 except StopIteration as ready:
                     chunk = ready.value
                 else:

@@ -745,6 +745,137 @@ async def test_divergence_14_a_producers_own_timeout_leaves_it_cancellable() -> 
     assert log.events == ["closed", "background"]
 
 
+class Departing(FakeClient):
+    """Also tells worker threads when the disconnect has been handed to the listener, which stops the
+    response before the loop runs anything else."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.departed = threading.Event()
+
+    async def receive(self) -> Message:
+        message = await super().receive()
+        if message["type"] == "http.disconnect":
+            self.departed.set()
+        return message
+
+
+@pytest.mark.parametrize("where", ["worker-thread", "shielded"])
+async def test_divergence_14_a_producer_that_cannot_take_the_stop_takes_it_at_its_next_await(where: str) -> None:
+    """The stop comes while the producer waits where no cancellation reaches (a worker thread that is
+    not abandoned, a shielded scope): it resumes without it, so nothing is shielded, and the stop lands
+    at its next await, not after ``cleanup_timeout``."""
+    log = Log()
+    client = Departing()
+
+    def leave_and_wait() -> None:
+        anyio.from_thread.run_sync(client.leave)
+        assert client.departed.wait(WATCHDOG)
+
+    async def produce() -> AsyncIterator[bytes]:
+        try:
+            yield CHUNK
+            if where == "worker-thread":
+                await anyio.to_thread.run_sync(leave_and_wait)
+            else:
+                with anyio.CancelScope(shield=True):
+                    client.leave()
+                    await stopping().wait()
+            log.append("resumed")
+            await anyio.sleep_forever()
+        finally:
+            log.append("closed")
+
+    response = StreamingResponse(produce(), background=log.task())
+    response.cleanup_timeout = WATCHDOG * 10
+    await run(response, client)
+    assert response.outcome is Outcome.DISCONNECTED
+    assert log.events == ["resumed", "closed", "background"]
+
+
+async def test_divergence_14_a_busy_producer_is_cancelled_at_its_next_checkpoint() -> None:
+    """A producer that computes between checkpoints, rather than waiting, when the stop comes takes it at
+    its next checkpoint (on trio through a scope of trio's own), not after ``cleanup_timeout``."""
+    log = Log()
+    client = FakeClient()
+
+    async def produce() -> AsyncIterator[bytes]:
+        try:
+            yield CHUNK
+            client.leave()
+            while True:
+                await anyio.lowlevel.checkpoint()
+        finally:
+            log.append("closed")
+
+    response = StreamingResponse(produce(), background=log.task())
+    response.cleanup_timeout = WATCHDOG * 10
+    await run(response, client)
+    assert response.outcome is Outcome.DISCONNECTED
+    assert log.events == ["closed", "background"]
+
+
+async def test_divergence_14_the_producers_own_timeout_firing_with_the_stop_does_not_hide_it() -> None:
+    """The producer's own scope is cancelled in the same moment as the stop: the stop is not lost in that
+    scope, and the producer ends at once, not after ``cleanup_timeout`` (AnyIO 4.1 on Python 3.10 lets
+    the scope catch the first cancellation; the stop then lands at the next await)."""
+    log = Log()
+    own_timeout = anyio.CancelScope()
+
+    async def produce() -> AsyncIterator[bytes]:
+        try:
+            yield CHUNK
+            with own_timeout:
+                await anyio.sleep_forever()
+            log.append("own timeout passed")
+            await anyio.sleep_forever()
+        finally:
+            log.append("closed")
+
+    class TimeoutWithTheDisconnect(FakeClient):
+        async def receive(self) -> Message:
+            message = await super().receive()
+            own_timeout.cancel()
+            return message
+
+    client = TimeoutWithTheDisconnect(leave_after=1)
+    response = StreamingResponse(produce(), background=log.task())
+    response.cleanup_timeout = WATCHDOG * 10
+    await run(response, client)
+    assert response.outcome is Outcome.DISCONNECTED
+    assert log.events[-2:] == ["closed", "background"]
+
+
+async def test_divergence_14_a_producers_own_task_group_is_cancelled_too() -> None:
+    """A producer waiting inside a task group of its own: its child tasks are cancelled with it, at once."""
+    log = Log()
+    client = FakeClient()
+
+    async def child() -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            log.append("child cancelled")
+
+    async def produce() -> AsyncIterator[bytes]:
+        try:
+            yield CHUNK
+            async with anyio.create_task_group() as task_group:
+                task_group.start_soon(child)
+                task_group.start_soon(child)
+                await anyio.wait_all_tasks_blocked()
+                client.leave()
+                await anyio.sleep_forever()
+        finally:
+            log.append("closed")
+
+    response = StreamingResponse(produce(), background=log.task())
+    response.cleanup_timeout = WATCHDOG * 10
+    await run(response, client)
+    assert response.outcome is Outcome.DISCONNECTED
+    assert log.events == ["child cancelled", "child cancelled", "closed", "background"]
+
+
 async def test_divergence_7_new_options_and_attributes() -> None:
     response = StreamingResponse(iter([b"a"]))
     assert response.send_timeout is None
