@@ -57,6 +57,11 @@ Transparent choice by server kind (h2 for ``hypercorn-h2``, else HTTP/1.1)
     keeps the connection open until exit. Yields the bytes read. ``partial_read_with_headers(server,
     path, nbytes, headers, rst=False)`` is the same with the headers positional.
     ``client_stall(server, path) -> Iterator[Response]``.
+
+Raw ASGI
+    ``http_scope(headers=(), method="GET", spec_version="2.3", http_version="1.1", extensions=None,
+    path="/")``: the scope a server hands an HTTP request (header names given as ``str`` are
+    lower-cased and encoded as latin-1, ``bytes`` pass unchanged; ``spec_version=None`` leaves it out).
 """
 
 from __future__ import annotations
@@ -880,3 +885,45 @@ class OpenedFiles:
 
 
 __all__ += ["OpenedFiles"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Raw ASGI
+
+
+def http_scope(
+    headers: Sequence[tuple[str, str]] | Sequence[tuple[bytes, bytes]] = (),
+    method: str = "GET",
+    spec_version: str | None = "2.3",
+    http_version: str = "1.1",
+    extensions: dict[str, object] | None = None,
+    path: str = "/",
+) -> Scope:
+    asgi = {"version": "3.0"}
+    if spec_version is not None:
+        asgi["spec_version"] = spec_version
+    scope: Scope = {
+        "type": "http",
+        "asgi": asgi,
+        "http_version": http_version,
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [_header(name, value) for name, value in headers],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+    }
+    if extensions is not None:
+        scope["extensions"] = extensions
+    return scope
+
+
+def _header(name: str | bytes, value: str | bytes) -> tuple[bytes, bytes]:
+    if isinstance(name, str):
+        name = name.lower().encode("latin-1")
+    if isinstance(value, str):
+        value = value.encode("latin-1")
+    return name, value

@@ -33,7 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import disconnect_responses.responses
 from disconnect_responses import FileResponse, Outcome, StreamingResponse
 
-from .servers import RunningServer, fetch, serve
+from .servers import RunningServer, fetch, http_scope, serve
 
 pytestmark = pytest.mark.anyio
 
@@ -223,19 +223,6 @@ def check_multipart(body: bytes, boundary: bytes, data: bytes) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # Raw ASGI calls
-
-
-def http_scope(headers: list[tuple[bytes, bytes]], method: str = "GET") -> Scope:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": "/",
-        "query_string": b"",
-        "headers": headers,
-    }
 
 
 async def call(app: ASGIApp, scope: Scope) -> tuple[int, dict[str, str], bytes]:

@@ -9,7 +9,6 @@ the background task, which runs once (FastAPI's ``BackgroundTasks`` included), a
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ from disconnect_responses import FileResponse, Outcome, StreamingResponse
 
 from .servers import Recorder, RunningServer, client_fetch, partial_read, serve
 
+pytestmark = pytest.mark.usefixtures("library_log")
 KINDS = ("uvicorn-httptools", "hypercorn-asyncio", "hypercorn-trio")
 CHUNK_SIZE = 64 * 1024
 CHUNK = b"f" * CHUNK_SIZE
@@ -125,16 +125,6 @@ def make_app(recorder: Recorder, file_path: Path | None = None) -> ASGIApp:
                 recorder.record("response done")
 
     return recorded
-
-
-@pytest.fixture
-def recorder() -> Recorder:
-    return Recorder()
-
-
-@pytest.fixture(autouse=True)
-def _capture_library_log(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="disconnect_responses")
 
 
 @pytest.fixture(scope="module")

@@ -57,13 +57,6 @@ def data() -> bytes:
     return os.urandom(FILE_SIZE)
 
 
-@pytest.fixture
-def file(tmp_path: Path, data: bytes) -> Path:
-    path = tmp_path / "data.bin"
-    path.write_bytes(data)
-    return path
-
-
 def open_descriptors(path: Path) -> int:
     """How many descriptors of this process point at ``path`` (deleted or not)."""
     target = str(path)

@@ -18,7 +18,7 @@ from starlette.types import Message, Scope
 import disconnect_responses.responses
 from disconnect_responses import FileResponse, Outcome, stopping
 
-from .servers import OpenedFiles
+from .servers import OpenedFiles, http_scope
 
 pytestmark = pytest.mark.anyio
 
@@ -31,36 +31,9 @@ def data() -> bytes:
     return os.urandom(SIZE)
 
 
-@pytest.fixture
-def file(tmp_path: Path, data: bytes) -> Path:
-    path = tmp_path / "data.bin"
-    path.write_bytes(data)
-    return path
-
-
 def append(path: Path, extra: bytes) -> None:
     with open(path, "ab") as handle:
         handle.write(extra)
-
-
-def http_scope(
-    headers: list[tuple[str, str]] | None = None,
-    method: str = "GET",
-    spec_version: str = "2.3",
-    http_version: str = "1.1",
-    extensions: dict[str, object] | None = None,
-) -> Scope:
-    scope: Scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": spec_version},
-        "http_version": http_version,
-        "method": method,
-        "path": "/",
-        "headers": [(key.encode(), value.encode()) for key, value in headers or []],
-    }
-    if extensions is not None:
-        scope["extensions"] = extensions
-    return scope
 
 
 class FakeServer:

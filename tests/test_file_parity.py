@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Sequence
 from email.utils import formatdate
 from pathlib import Path
 
@@ -21,6 +20,8 @@ import starlette.responses
 from starlette.types import Message, Scope
 
 from disconnect_responses import FileResponse, Outcome
+
+from .servers import http_scope
 
 pytestmark = pytest.mark.anyio
 
@@ -35,29 +36,6 @@ BOUNDARY = re.compile(rb"[0-9a-f]{26}")
 @pytest.fixture
 def data() -> bytes:
     return os.urandom(SIZE)
-
-
-@pytest.fixture
-def file(tmp_path: Path, data: bytes) -> Path:
-    path = tmp_path / "data.bin"
-    path.write_bytes(data)
-    return path
-
-
-def http_scope(
-    headers: Sequence[tuple[str, str]] = (), method: str = "GET", extensions: dict[str, object] | None = None
-) -> Scope:
-    scope: Scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": method,
-        "path": "/",
-        "headers": [(key.lower().encode("latin-1"), value.encode("latin-1")) for key, value in headers],
-    }
-    if extensions is not None:
-        scope["extensions"] = extensions
-    return scope
 
 
 async def run(response: starlette.responses.Response, scope: Scope) -> list[Message]:

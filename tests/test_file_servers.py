@@ -35,13 +35,6 @@ def data() -> bytes:
     return os.urandom(SIZE)
 
 
-@pytest.fixture
-def file(tmp_path: Path, data: bytes) -> Path:
-    path = tmp_path / "data.bin"
-    path.write_bytes(data)
-    return path
-
-
 def file_app(
     path: Path, recorder: Recorder, opened: OpenedFiles, on_body: Callable[[Message], None] | None = None
 ) -> ASGIApp:

@@ -324,13 +324,6 @@ def data() -> bytes:
     return os.urandom(FILE_SIZE)
 
 
-@pytest.fixture
-def file(tmp_path: Path, data: bytes) -> Path:
-    path = tmp_path / "data.bin"
-    path.write_bytes(data)
-    return path
-
-
 @pytest.fixture(scope="module")
 def seed() -> int:
     value = os.environ.get(SEED_VARIABLE)

@@ -13,7 +13,6 @@ the iterator is closed, readable from an async producer and from a sync one in i
 from __future__ import annotations
 
 import errno
-import logging
 import queue
 import random
 import threading
@@ -33,13 +32,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from disconnect_responses import Outcome, StreamingResponse, stopping
 
-from .servers import Recorder, RunningServer, open_response, read_then_close, serve
+from .servers import Recorder, RunningServer, http_scope, open_response, read_then_close, serve
 
 # Older Starlette's BaseHTTPMiddleware (0.40, 0.41) iterates Request.stream() without closing it; trio warns
 # when that generator is collected. Not this library's generator, and nothing leaks.
-pytestmark = pytest.mark.filterwarnings(
-    r"ignore:Exception ignored in. <async_generator object Request\.stream:pytest.PytestUnraisableExceptionWarning"
-)
+pytestmark = [
+    pytest.mark.filterwarnings(
+        r"ignore:Exception ignored in. <async_generator object Request\.stream:pytest.PytestUnraisableExceptionWarning"
+    ),
+    pytest.mark.usefixtures("library_log"),
+]
 
 KINDS = ("uvicorn-httptools", "hypercorn-asyncio", "hypercorn-trio")
 CHUNK_SIZE = 64 * 1024
@@ -154,16 +156,6 @@ def assert_closed_then_background(recorder: Recorder) -> None:
     assert names.index("iterator closed") < names.index("background ran"), names
 
 
-@pytest.fixture
-def recorder() -> Recorder:
-    return Recorder()
-
-
-@pytest.fixture(autouse=True)
-def _capture_library_log(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="disconnect_responses")
-
-
 def leave_when(server: RunningServer, recorder: Recorder, event: str, path: str = "/") -> None:
     """Request ``path``, read the response head, close once the app recorded ``event``."""
     with open_response(server.port, path) as (head, _, _):
@@ -267,20 +259,7 @@ class Spec24Client:
         self.gone = anyio.Event()
         self.messages: list[Message] = []
 
-    scope: Scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.4"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/",
-        "raw_path": b"/",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [],
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 8000),
-    }
+    scope: Scope = http_scope(spec_version="2.4")
 
     def leave(self) -> None:
         self.gone.set()

@@ -29,8 +29,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from disconnect_responses import Outcome, StreamingResponse
 from disconnect_responses._race import YIELD_EVERY_BYTES, BackgroundPolicy
 
-from .servers import Recorder, RunningServer, open_response, partial_read, request_then_leave, serve
+from .servers import Recorder, RunningServer, http_scope, open_response, partial_read, request_then_leave, serve
 
+pytestmark = pytest.mark.usefixtures("library_log")
 KINDS = ("uvicorn-httptools", "hypercorn-asyncio", "hypercorn-trio")
 CHUNK_SIZE = 64 * 1024
 CHUNK = b"p" * CHUNK_SIZE
@@ -110,16 +111,6 @@ def assert_closed_then_background(recorder: Recorder) -> None:
 
 def library_records(caplog: pytest.LogCaptureFixture, level: int) -> list[logging.LogRecord]:
     return [record for record in caplog.records if record.name == "disconnect_responses" and record.levelno == level]
-
-
-@pytest.fixture
-def recorder() -> Recorder:
-    return Recorder()
-
-
-@pytest.fixture(autouse=True)
-def _capture_library_log(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="disconnect_responses")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,20 +248,7 @@ class FirstSendFails:
     def __init__(self) -> None:
         self.messages: list[Message] = []
 
-    scope: Scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.4"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/",
-        "raw_path": b"/",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [],
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 8000),
-    }
+    scope: Scope = http_scope(spec_version="2.4")
 
     async def receive(self) -> Message:
         await anyio.sleep_forever()

@@ -24,6 +24,8 @@ from starlette.types import Message, Scope
 from disconnect_responses import Outcome, StreamingResponse, stopping
 from disconnect_responses._race import YIELD_EVERY_BYTES, BackgroundPolicy
 
+from .servers import http_scope
+
 pytestmark = pytest.mark.anyio
 
 CHUNK = b"x" * (64 * 1024)
@@ -65,23 +67,7 @@ class FakeClient:
         self.sent_after_disconnect_received: list[Message] = []
 
     def scope(self, type: str = "http") -> Scope:
-        asgi = {"version": "3.0"}
-        if self.spec_version is not None:
-            asgi["spec_version"] = self.spec_version
-        return {
-            "type": type,
-            "asgi": asgi,
-            "http_version": "1.1",
-            "method": "GET",
-            "scheme": "http",
-            "path": "/stream",
-            "raw_path": b"/stream",
-            "query_string": b"",
-            "root_path": "",
-            "headers": [],
-            "client": ("127.0.0.1", 50000),
-            "server": ("127.0.0.1", 8000),
-        }
+        return {**http_scope(spec_version=self.spec_version, path="/stream"), "type": type}
 
     def leave(self) -> None:
         self.gone.set()

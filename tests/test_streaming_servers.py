@@ -32,6 +32,7 @@ from .servers import (
     serve,
 )
 
+pytestmark = pytest.mark.usefixtures("library_log")
 CHUNK_SIZE = 64 * 1024
 CHUNK = b"x" * CHUNK_SIZE
 # A "large" body is 4 GiB, an "endless" one has no end: a client that reads 1 MiB and leaves must
@@ -171,16 +172,6 @@ def check_disconnect(recorder: Recorder, server: RunningServer, caplog: pytest.L
     assert "disconnected" in log.getMessage()
     assert f"after {response.bytes_sent} body bytes" in log.getMessage()
     server.assert_no_errors()
-
-
-@pytest.fixture
-def recorder() -> Recorder:
-    return Recorder()
-
-
-@pytest.fixture(autouse=True)
-def _capture_library_log(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="disconnect_responses")
 
 
 @pytest.mark.parametrize("length", LENGTHS)
