@@ -1,9 +1,10 @@
 """The race between a response body and the client's departure, and the cleanup after it.
 
 Private: the response classes in ``responses.py`` are the public face. One ``Race`` lives for one
-call of a response. ``Race.respond`` runs the body in the calling task with a guarded ``send``, a
-listener for ``http.disconnect`` and, when asked, a watchdog on slow sends in child tasks; whatever
-ends first sets the ``Outcome``. It then closes the body's source and runs the background task.
+call of a response. ``Race.respond`` runs the body with a guarded ``send`` in a child task, as
+Starlette does, while the calling task listens for ``http.disconnect``; a watchdog on slow sends
+runs beside them when asked. Whatever ends first sets the ``Outcome``. It then closes the body's
+source and runs the background task.
 Below it: ``shielded`` (cleanup that outlives cancellation), ``SyncIterator`` (a closable way to
 iterate a sync iterable in worker threads) and the shutdown watch (signals stop live responses).
 """
@@ -14,6 +15,7 @@ import asyncio
 import enum
 import inspect
 import logging
+import re
 import signal
 import sys
 import threading
@@ -174,28 +176,20 @@ class Race:
 
     async def _run(self, body: Callable[[Send], Awaitable[None]]) -> None:
         try:
-            # The body runs in this task, inside the task group's scope: cancelling that scope
-            # stops the body and the helpers at once.
+            # Cancelling the task group's scope stops the body and the helpers at once.
             async with anyio.create_task_group() as task_group:
                 self._cancel_scope = task_group.cancel_scope
                 _shutdown_watch.add(self)
-                if self._scope["type"] == "http":
-                    task_group.start_soon(self._listen_for_disconnect)
                 if self._send_timeout is not None:
                     task_group.start_soon(self._watch_sends, self._send_timeout)
-                try:
-                    # Shielded by pull() once the race is decided, so that a producer's cleanup
-                    # can await; bounded by its deadline.
-                    with anyio.CancelScope() as self._guard:
-                        await body(self.send)
-                except _Stopped:
-                    pass
-                except Exception as exc:
-                    self.error = exc
-                    self._decide(Outcome.ERROR)
+                if self._scope["type"] == "http":
+                    # As in Starlette, the listener runs here and the body in a child task, which
+                    # starts once the listener waits: a client already gone never sees the body
+                    # start, and a body that ends wakes this task and no other.
+                    task_group.start_soon(self._run_body_in_child, body)
+                    await self._listen_for_disconnect()
                 else:
-                    self._decide(Outcome.COMPLETED)
-                task_group.cancel_scope.cancel()
+                    await self._run_body(body)
             if self.outcome is Outcome.SHUTDOWN:
                 await self._end_open_body()
         except anyio.get_cancelled_exc_class():
@@ -207,6 +201,32 @@ class Race:
                 logger.warning("Gave up waiting for the body iterator's cleanup after %s s", self._cleanup_timeout)
             if self.outcome not in (None, Outcome.COMPLETED, Outcome.ERROR):
                 self._log_interruption()
+
+    async def _run_body_in_child(self, body: Callable[[Send], Awaitable[None]]) -> None:
+        try:
+            await self._run_body(body)
+        except anyio.get_cancelled_exc_class():
+            # The task group's scope stands for this cancellation. Left on the finished task, the
+            # exception would be kept by AnyIO in a reference cycle, and with its traceback the
+            # body's frames: a producer closed by a wrapper that did not close its own inner
+            # generator (FastAPI's) would wait for the garbage collector to run that finally.
+            pass
+
+    async def _run_body(self, body: Callable[[Send], Awaitable[None]]) -> None:
+        try:
+            # Shielded by resume() once the race is decided, so that a producer's cleanup can
+            # await; bounded by its deadline.
+            with anyio.CancelScope() as self._guard:
+                await body(self.send)
+        except _Stopped:
+            pass
+        except Exception as exc:
+            self.error = exc
+            self._decide(Outcome.ERROR)
+        else:
+            self._decide(Outcome.COMPLETED)
+        assert self._cancel_scope is not None  # for mypy: set before the body starts
+        self._cancel_scope.cancel()
 
     async def _end_open_body(self) -> None:
         # An endless stream (no content-length) ends with a proper last chunk, so that the server
@@ -234,6 +254,8 @@ class Race:
         ``cleanup_timeout`` as its deadline. A producer that resumes without it (from a shielded
         scope or a worker thread) takes it at its next await.
         """
+        guard = self._guard
+        assert guard is not None  # for mypy: the body runs inside it
         message: Any = None
         error: BaseException | None = None
         while True:
@@ -244,18 +266,9 @@ class Race:
                 raise
             except BaseException as exc:
                 message, error = None, exc
-            guard = self._guard
-            if self._stopped and guard is not None and not guard.shield and _cancels(suspended, message, error):
-                # Shielded, the guard ends the look at the scopes inside it: a cancelled one (the
-                # producer's own timeout, trio's checkpoint) owns this cancellation and would
-                # catch it if the guard stayed shielded. Then the stop's cancellation goes on
-                # through it unshielded, and the shield waits for the next one.
+            if self._stopped and not guard.shield and _takes_stop(guard, suspended, message, error):
                 guard.shield = True
-                now = anyio.current_time()
-                if anyio.current_effective_deadline() > now:
-                    guard.deadline = now + self._cleanup_timeout
-                else:
-                    guard.shield = False
+                guard.deadline = anyio.current_time() + self._cleanup_timeout
             try:
                 if error is not None:
                     suspended = step.throw(error)
@@ -305,7 +318,8 @@ class Race:
             self.stop(Outcome.DISCONNECTED)
             raise _Stopped from None
         # Servers whose send() does not yield (uvicorn, hypercorn on asyncio) would otherwise let
-        # the body pull (start) the producer before the listener heard of a client already gone.
+        # the body pull (start) the producer before the listener heard of a client that left
+        # while the headers were sent.
         await anyio.lowlevel.checkpoint()
         if self._stopped:
             raise _Stopped
@@ -375,15 +389,41 @@ class Race:
             raise asyncio.CancelledError
 
 
+def _takes_stop(guard: anyio.CancelScope, suspended: Any, message: Any, error: BaseException | None) -> bool:
+    """Whether a producer resumes with the stop's cancellation: one from a cancel scope, while no
+    scope of the producer's own inside ``guard`` is cancelled too (its own timeout, or on trio the
+    scope a checkpoint uses), which would own it, and catch it once the guard is shielded."""
+    if not _cancels(suspended, message, error):
+        return False
+    guard.shield = True  # ends the look at the scopes inside the guard
+    own_scopes_cancelled = anyio.current_effective_deadline() <= anyio.current_time()
+    guard.shield = False
+    return not own_scopes_cancelled
+
+
 def _cancels(suspended: Any, message: Any, error: BaseException | None) -> bool:
-    """Whether a task resumes with a cancellation: thrown in (asyncio, a task that was not waiting
-    on a future), through the future it waited on (asyncio), or as trio's ``Error`` outcome."""
-    cancelled = anyio.get_cancelled_exc_class()
-    if error is not None:
-        return isinstance(error, cancelled)
+    """Whether a task resumes with a cancellation from a cancel scope: thrown in (asyncio, a task
+    that was not waiting on a future), through the future it waited on (asyncio), or as trio's
+    ``Error`` outcome. asyncio's own timeouts (``asyncio.timeout``, ``wait_for``) cancel too; AnyIO
+    names the scope in the message, they do not."""
+    if isinstance(error, asyncio.CancelledError):
+        return _from_a_cancel_scope(error)
     if isinstance(suspended, asyncio.Future):
-        return suspended.cancelled()
-    return isinstance(getattr(message, "error", None), cancelled)
+        if not suspended.cancelled():
+            return False
+        try:
+            suspended.result()
+        except asyncio.CancelledError as exc:
+            return _from_a_cancel_scope(exc)
+    return isinstance(getattr(message, "error", None), anyio.get_cancelled_exc_class())
+
+
+_SCOPE_CANCELLATION = re.compile(r"Cancelled (by|via) cancel scope [0-9a-f]+")
+
+
+def _from_a_cancel_scope(exc: asyncio.CancelledError) -> bool:
+    # AnyIO's message: "Cancelled by cancel scope 7f..." (AnyIO 4.1), "Cancelled via ..." (later).
+    return bool(exc.args) and isinstance(exc.args[0], str) and _SCOPE_CANCELLATION.match(exc.args[0]) is not None
 
 
 async def shielded(func: Callable[[], Awaitable[object]], limit: float, what: str, teardown: bool) -> bool:

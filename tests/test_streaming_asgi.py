@@ -7,8 +7,10 @@ blocks forever (a stalled client). Every test runs on asyncio and trio, under ``
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
+import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 
@@ -799,6 +801,39 @@ async def test_divergence_14_a_busy_producer_is_cancelled_at_its_next_checkpoint
     await run(response, client)
     assert response.outcome is Outcome.DISCONNECTED
     assert log.events == ["closed", "background"]
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout is new in Python 3.11")
+async def test_divergence_14_an_asyncio_timeout_is_not_taken_for_the_stop(anyio_backend: str) -> None:
+    """asyncio's own timeouts cancel natively: one that fires after the stop, while the producer sat where
+    the stop could not reach it, is not the stop's cancellation, so nothing is shielded, and the stop
+    lands at the producer's next await."""
+    if anyio_backend != "asyncio":
+        pytest.skip("asyncio's own timeouts")
+    log = Log()
+    client = FakeClient()
+
+    async def produce() -> AsyncIterator[bytes]:
+        try:
+            yield CHUNK
+            try:
+                async with asyncio.timeout(None) as own_timeout:  # type: ignore[attr-defined,unused-ignore]
+                    with anyio.CancelScope(shield=True):
+                        client.leave()
+                        await stopping().wait()
+                        own_timeout.reschedule(asyncio.get_running_loop().time())
+                        await anyio.sleep_forever()
+            except TimeoutError:
+                log.append("own timeout")
+            await anyio.sleep_forever()
+        finally:
+            log.append("closed")
+
+    response = StreamingResponse(produce(), background=log.task())
+    response.cleanup_timeout = WATCHDOG * 10
+    await run(response, client)
+    assert response.outcome is Outcome.DISCONNECTED
+    assert log.events == ["own timeout", "closed", "background"]
 
 
 async def test_divergence_14_the_producers_own_timeout_firing_with_the_stop_does_not_hide_it() -> None:
