@@ -187,7 +187,13 @@ class Race:
                     # starts once the listener waits: a client already gone never sees the body
                     # start, and a body that ends wakes this task and no other.
                     task_group.start_soon(self._run_body_in_child, body)
-                    await self._listen_for_disconnect()
+                    try:
+                        await self._listen_for_disconnect()
+                    except anyio.get_cancelled_exc_class():
+                        # The server cancels this task: a stop like any other for the body, so
+                        # that its producer's cleanup is shielded too.
+                        self.stop(Outcome.CANCELLED)
+                        raise
                 else:
                     await self._run_body(body)
             if self.outcome is Outcome.SHUTDOWN:
@@ -210,7 +216,9 @@ class Race:
             # exception would be kept by AnyIO in a reference cycle, and with its traceback the
             # body's frames: a producer closed by a wrapper that did not close its own inner
             # generator (FastAPI's) would wait for the garbage collector to run that finally.
-            pass
+            # One no scope sent (a producer awaiting a task that someone cancelled) ends the
+            # response as a cancellation from outside would, without the exception.
+            self.stop(Outcome.CANCELLED)
 
     async def _run_body(self, body: Callable[[Send], Awaitable[None]]) -> None:
         try:

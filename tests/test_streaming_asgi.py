@@ -836,6 +836,60 @@ async def test_divergence_14_an_asyncio_timeout_is_not_taken_for_the_stop(anyio_
     assert log.events == ["own timeout", "closed", "background"]
 
 
+async def test_divergence_14_a_native_cancellation_of_the_request_shields_the_cleanup_too(anyio_backend: str) -> None:
+    """A server cancelling the request's task natively (asyncio's ``task.cancel()``, as hypercorn and
+    ``asyncio.run`` do) while the producer waits for its upstream: the producer's cleanup awaits to its
+    end, the background task runs, and the cancellation still reaches the server."""
+    if anyio_backend != "asyncio":
+        pytest.skip("asyncio's native cancellation")
+    log = Log()
+    client = FakeClient()
+    waiting = anyio.Event()
+
+    async def produce() -> AsyncIterator[bytes]:
+        try:
+            yield CHUNK
+            waiting.set()
+            await anyio.sleep_forever()
+        finally:
+            log.append("cleanup started")
+            await awaits_twice()
+            log.append("cleanup finished")
+
+    response = StreamingResponse(produce(), background=log.task())
+    with anyio.fail_after(WATCHDOG):
+        task = asyncio.ensure_future(response(client.scope(), client.receive, client.send))
+        await waiting.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert response.outcome is Outcome.CANCELLED
+    assert log.events == ["cleanup started", "cleanup finished", "background"]
+
+
+async def test_a_cancellation_raised_by_the_producer_itself_ends_the_response(anyio_backend: str) -> None:
+    """A producer that awaits a task someone else cancelled raises a ``CancelledError`` that no scope sent:
+    the response ends as after an outside cancellation, quietly, instead of waiting for the client."""
+    if anyio_backend != "asyncio":
+        pytest.skip("asyncio's native cancellation")
+    log = Log()
+    client = FakeClient()
+
+    async def produce() -> AsyncIterator[bytes]:
+        try:
+            yield CHUNK
+            upstream = asyncio.ensure_future(anyio.sleep_forever())
+            upstream.cancel()
+            await upstream
+        finally:
+            log.append("closed")
+
+    response = StreamingResponse(produce(), background=log.task())
+    await run(response, client)
+    assert response.outcome is Outcome.CANCELLED
+    assert log.events == ["closed", "background"]
+
+
 async def test_divergence_14_the_producers_own_timeout_firing_with_the_stop_does_not_hide_it() -> None:
     """The producer's own scope is cancelled in the same moment as the stop: the stop is not lost in that
     scope, and the producer ends at once, not after ``cleanup_timeout`` (AnyIO 4.1 on Python 3.10 lets
