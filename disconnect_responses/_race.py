@@ -189,10 +189,12 @@ class Race:
                     task_group.start_soon(self._run_body_in_child, body)
                     try:
                         await self._listen_for_disconnect()
-                    except anyio.get_cancelled_exc_class():
-                        # The server cancels this task: a stop like any other for the body, so
-                        # that its producer's cleanup is shielded too.
-                        self.stop(Outcome.CANCELLED)
+                    except BaseException:
+                        # Undecided, this is the server cancelling this task: a stop like any
+                        # other for the body, so that its producer's cleanup is shielded too.
+                        # (Decided, it is the race's own cancellation of the listener.)
+                        if not self._stopped:
+                            self.stop(Outcome.CANCELLED)
                         raise
                 else:
                     await self._run_body(body)
@@ -221,10 +223,14 @@ class Race:
             self.stop(Outcome.CANCELLED)
 
     async def _run_body(self, body: Callable[[Send], Awaitable[None]]) -> None:
+        cancel_scope = self._cancel_scope
+        assert cancel_scope is not None  # for mypy: set before the body starts
         try:
             # Shielded by resume() once the race is decided, so that a producer's cleanup can
-            # await; bounded by its deadline.
-            with anyio.CancelScope() as self._guard:
+            # await; bounded by its deadline. Made from the class of the task group's scope:
+            # anyio.CancelScope() looks the backend up on every call, which costs more than the
+            # scope itself.
+            with type(cancel_scope)() as self._guard:
                 await body(self.send)
         except _Stopped:
             pass
@@ -233,8 +239,7 @@ class Race:
             self._decide(Outcome.ERROR)
         else:
             self._decide(Outcome.COMPLETED)
-        assert self._cancel_scope is not None  # for mypy: set before the body starts
-        self._cancel_scope.cancel()
+        cancel_scope.cancel()
 
     async def _end_open_body(self) -> None:
         # An endless stream (no content-length) ends with a proper last chunk, so that the server
@@ -325,10 +330,6 @@ class Race:
         except (OSError, ClientDisconnect):
             self.stop(Outcome.DISCONNECTED)
             raise _Stopped from None
-        # Servers whose send() does not yield (uvicorn, hypercorn on asyncio) would otherwise let
-        # the body pull (start) the producer before the listener heard of a client that left
-        # while the headers were sent.
-        await anyio.lowlevel.checkpoint()
         if self._stopped:
             raise _Stopped
 
