@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
-from .harness import Bench, Row, at_least, column, ratios, requests_per_second
+from collections.abc import Mapping
+
+from .harness import IMPLS, Bench, Row, at_least, column, ratios, requests_per_second
 
 CONNECTIONS = 16
 
 
 def run(bench: Bench) -> list[Row]:
     case = "1 KiB streamed responses, keep-alive"
-    results = bench.paired(
-        case,
-        lambda impl: {"req/s": requests_per_second(bench.servers[impl].port, "/small", CONNECTIONS, bench.seconds)},
-    )
+    results: dict[str, list[Mapping[str, float]]] = {impl: [] for impl in IMPLS}
+    ports = {impl: bench.servers[impl].port for impl in IMPLS}
+    for rep in range(bench.repeat):
+        rates = requests_per_second(ports, "/small", CONNECTIONS, bench.seconds)
+        for impl in IMPLS:
+            results[impl].append({"req/s": rates[impl]})
+        bench.progress(
+            f"  {case}: run {rep + 1}/{bench.repeat}: " + ", ".join(f"{impl} {rates[impl]:.0f}" for impl in IMPLS)
+        )
     starlette, ours = column(results, "starlette", "req/s"), column(results, "ours", "req/s")
     vs_starlette = ratios(ours, starlette)
     return [Row(case, "req/s", "Starlette", starlette, ours, vs_starlette, ">= 0.95x", at_least(vs_starlette, 0.95))]
