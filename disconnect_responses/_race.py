@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import types
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Iterable, Iterator
 from contextvars import ContextVar
 from types import FrameType
 from typing import Any, Generic, Literal, Protocol, TypeVar
@@ -118,6 +118,7 @@ class Race:
     bytes_sent = 0
     _stopping: anyio.Event | None = None
     _stopped = False
+    _sending = False
     _send_began: float | None = None
     _yield_at = YIELD_EVERY_BYTES
     _final_sent = False
@@ -226,7 +227,7 @@ class Race:
         cancel_scope = self._cancel_scope
         assert cancel_scope is not None  # for mypy: set before the body starts
         try:
-            # Shielded by resume() once the race is decided, so that a producer's cleanup can
+            # Shielded by drive() once the race is decided, so that a producer's cleanup can
             # await; bounded by its deadline. Made from the class of the task group's scope:
             # anyio.CancelScope() looks the backend up on every call, which costs more than the
             # scope itself.
@@ -256,72 +257,78 @@ class Race:
                 pass
 
     @types.coroutine
-    def resume(self, step: Generator[Any, Any, T], suspended: Any) -> Generator[Any, Any, T]:
-        """Drive ``step``, a producer's ``__anext__()`` that suspended on ``suspended``, to its end.
+    def drive(self, body: Coroutine[Any, Any, None]) -> Generator[Any, Any, None]:
+        """Run ``body``, a coroutine that pulls a producer and sends what it yields, to its end.
 
         A stop cancels the body where it waits, in the producer if it is awaiting its upstream
         there; the cancellation is level-triggered, so an ``async with`` whose ``__aexit__`` awaits
-        (closing a client, releasing a lock) would be cut at its first await. Driving the producer
-        step by step instead of with ``await`` shows when it resumes with the stop's cancellation:
-        then, before the producer runs on, the guard around the body is shielded, with
-        ``cleanup_timeout`` as its deadline. A producer that resumes without it (from a shielded
-        scope or a worker thread) takes it at its next await.
+        (closing a client, releasing a lock) would be cut at its first await. Driving the body
+        step by step instead of with ``await`` shows when it resumes with the stop's cancellation
+        outside ``send()``, that is in the producer: then, before the producer runs on, the guard
+        around the body is shielded, with ``cleanup_timeout`` as its deadline. A producer that
+        resumes without it (from a shielded scope or a worker thread) takes it at its next await.
+        A step that does not wait (an item ready at once, a send that returns) costs nothing here.
         """
         guard = self._guard
         assert guard is not None  # for mypy: the body runs inside it
+        suspended: Any = None
         message: Any = None
         error: BaseException | None = None
         while True:
             try:
-                message, error = (yield suspended), None
-            except GeneratorExit:
-                step.close()
-                raise
-            except BaseException as exc:
-                message, error = None, exc
-            if self._stopped and not guard.shield and _takes_stop(guard, suspended, message, error):
-                guard.shield = True
-                guard.deadline = anyio.current_time() + self._cleanup_timeout
-            try:
-                if error is not None:
-                    suspended = step.throw(error)
-                else:
-                    # next() as await does it: an __await__ may return a plain iterator.
-                    suspended = next(step) if message is None else step.send(message)
-            except StopIteration as done:
-                value: T = done.value
-                return value
+                suspended = body.send(message) if error is None else body.throw(error)
+            except StopIteration:
+                return
             finally:
                 # An exception raised from here carries this frame: keeping it in a local would
                 # make a cycle that holds the producer's frames until the garbage collector runs.
                 message = error = None
+            try:
+                message = yield suspended
+            except GeneratorExit:
+                body.close()
+                raise
+            except BaseException as exc:
+                error = exc
+            if (
+                self._stopped
+                and not self._sending
+                and not guard.shield
+                and _takes_stop(guard, suspended, message, error)
+            ):
+                guard.shield = True
+                guard.deadline = anyio.current_time() + self._cleanup_timeout
 
     async def send(self, message: Message) -> None:
         if self._stopped:
             raise _Stopped
-        if message["type"] == "http.response.start":
-            await self._send_start(message)
-            return
-        more_body = message.get("more_body", False)
-        if not more_body:
-            # From here on the listener's http.disconnect may just be the end of this response.
-            self._final_sent = True
-        if self._send_timeout is not None:
-            self._send_began = time.monotonic()
+        self._sending = True  # for drive(): a wait in here is not the producer's
         try:
-            await self._send(message)
-        except (OSError, ClientDisconnect):
-            self.stop(Outcome.DISCONNECTED)
-            raise _Stopped from None
-        self._send_began = None
-        sent = self.bytes_sent = self.bytes_sent + len(message.get("body", b""))
-        if more_body:
-            if self._stopped:
-                # The race was decided while this send waited: pull nothing more from the producer.
-                raise _Stopped
-            if sent >= self._yield_at:
-                self._yield_at = sent + YIELD_EVERY_BYTES
-                await anyio.lowlevel.checkpoint()
+            if message["type"] == "http.response.start":
+                await self._send_start(message)
+                return
+            more_body = message.get("more_body", False)
+            if not more_body:
+                # From here on the listener's http.disconnect may just be the end of this response.
+                self._final_sent = True
+            if self._send_timeout is not None:
+                self._send_began = time.monotonic()
+            try:
+                await self._send(message)
+            except (OSError, ClientDisconnect):
+                self.stop(Outcome.DISCONNECTED)
+                raise _Stopped from None
+            self._send_began = None
+            sent = self.bytes_sent = self.bytes_sent + len(message.get("body", b""))
+            if more_body:
+                if self._stopped:
+                    # The race was decided while this send waited: pull nothing more from the producer.
+                    raise _Stopped
+                if sent >= self._yield_at:
+                    self._yield_at = sent + YIELD_EVERY_BYTES
+                    await anyio.lowlevel.checkpoint()
+        finally:
+            self._sending = False
 
     async def _send_start(self, message: Message) -> None:
         self._start_headers = message.get("headers", ())

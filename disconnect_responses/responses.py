@@ -62,9 +62,9 @@ ends. Intentional divergences from Starlette, each covered by a test that names 
 
 14. A producer stopped while it awaits its upstream takes the cancellation once, where it waits:
     from there its own cleanup (a ``finally``, an ``__aexit__`` that closes a client or releases
-    a lock) runs shielded, bounded by ``cleanup_timeout``. ``stream_response`` pulls each item
-    by hand for this (``Race.resume``). Under Starlette the cancellation is level-triggered
-    (AnyIO's), so that cleanup is cut at its first await.
+    a lock) runs shielded, bounded by ``cleanup_timeout``. For this the race drives Starlette's
+    ``stream_response`` step by step (``Race.drive``). Under Starlette the cancellation is
+    level-triggered (AnyIO's), so that cleanup is cut at its first await.
     Where the stop arrives through a cancelled scope of the producer's own, the cleanup runs as
     under Starlette (README, "Stopping upstream work").
 """
@@ -131,27 +131,9 @@ class StreamingResponse(starlette.responses.StreamingResponse):
         await race.respond(self.stream_response, partial(close_iterator, self.body_iterator))
 
     async def stream_response(self, send: Send) -> None:
-        # Starlette's loop, except that each item is pulled by hand (divergence 14): an item that
-        # is ready at once costs one next() of the producer; one it must await for is finished
-        # by the race, which shields the producer's cleanup if the response stops meanwhile.
-        resume = current_race().resume
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        iterator = self.body_iterator.__aiter__()
-        while True:
-            step = iterator.__anext__().__await__()
-            try:
-                try:
-                    suspended = next(step)
-                except StopIteration as ready:
-                    chunk = ready.value
-                else:
-                    chunk = await resume(step, suspended)
-            except StopAsyncIteration:
-                break
-            if not isinstance(chunk, (bytes, memoryview)):
-                chunk = chunk.encode(self.charset)
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        # Starlette's own, driven by the race (divergence 14), which shields the producer's
+        # cleanup if the response stops while the producer awaits.
+        await current_race().drive(super().stream_response(send))
 
 
 # FileResponse pacing. Every client looks fast while the socket buffers fill (several MiB on

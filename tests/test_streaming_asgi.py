@@ -951,6 +951,32 @@ async def test_divergence_14_a_producers_own_task_group_is_cancelled_too() -> No
     assert log.events == ["child cancelled", "child cancelled", "closed", "background"]
 
 
+async def test_divergence_14_a_stop_that_lands_in_the_servers_send_is_the_servers() -> None:
+    """Only the producer's cleanup is shielded: a stop that lands while the server's ``send()`` waits
+    (a client that stopped reading) cuts the server's own cleanup there at its first await, as under
+    Starlette."""
+    log = Log()
+    client = FakeClient()
+
+    async def stalled_send(message: Message) -> None:
+        await client.send(message)
+        if message["type"] == "http.response.body":
+            try:
+                client.leave()
+                await anyio.sleep_forever()
+            finally:
+                log.append("send cleanup started")
+                await anyio.lowlevel.checkpoint()
+                log.append("send cleanup finished")
+
+    response = StreamingResponse(iter([CHUNK]), background=log.task())
+    response.cleanup_timeout = WATCHDOG * 10
+    with anyio.fail_after(WATCHDOG):
+        await response(client.scope(), client.receive, stalled_send)
+    assert response.outcome is Outcome.DISCONNECTED
+    assert log.events == ["send cleanup started", "background"]
+
+
 async def test_divergence_7_new_options_and_attributes() -> None:
     response = StreamingResponse(iter([b"a"]))
     assert response.send_timeout is None
