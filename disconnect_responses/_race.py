@@ -266,8 +266,9 @@ class Race:
         there; the cancellation is level-triggered, so an ``async with`` whose ``__aexit__`` awaits
         (closing a client, releasing a lock) would be cut at its first await. Driving the body
         step by step instead of with ``await`` shows when it resumes with the stop's cancellation
-        outside ``send()``, that is in the producer: then, before the producer runs on, the guard
-        around the body is shielded, with ``cleanup_timeout`` as its deadline. A producer that
+        (or that of a scope around the whole response) outside ``send()``, that is in the
+        producer: then, before the producer runs on, the guard around the body is shielded, with
+        ``cleanup_timeout`` as its deadline. A producer that
         resumes without it (from a shielded scope or a worker thread) takes it at its next await.
         A step that does not wait (an item ready at once, a send that returns) costs nothing here.
         """
@@ -293,12 +294,11 @@ class Race:
                 raise
             except BaseException as exc:
                 error = exc
-            if (
-                self._stopped
-                and not self._sending
-                and not guard.shield
-                and _takes_stop(guard, suspended, message, error)
-            ):
+            if not self._sending and not guard.shield and _takes_stop(guard, suspended, message, error):
+                if not self._stopped:
+                    # A cancelled scope around the whole response (the server's, on trio) can
+                    # reach the body before the listener: it is the same stop, seen first here.
+                    self.stop(Outcome.CANCELLED)
                 guard.shield = True
                 guard.deadline = anyio.current_time() + self._cleanup_timeout
 

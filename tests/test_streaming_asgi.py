@@ -867,6 +867,35 @@ async def test_divergence_14_a_native_cancellation_of_the_request_shields_the_cl
     assert log.events == ["cleanup started", "cleanup finished", "background"]
 
 
+async def test_divergence_14_a_cancelled_scope_around_the_response_shields_the_cleanup_too() -> None:
+    """A server cancelling a scope around the response (hypercorn on trio cancels its request nursery)
+    while the producer waits for its upstream: the cancellation may reach the body before the listener,
+    and either way the producer's cleanup awaits to its end and the background task runs."""
+
+    async def produce(log: Log, waiting: anyio.Event) -> AsyncIterator[bytes]:
+        try:
+            yield CHUNK
+            waiting.set()
+            await anyio.sleep_forever()
+        finally:
+            log.append("cleanup started")
+            await awaits_twice()
+            log.append("cleanup finished")
+
+    for _ in range(20):  # which task trio wakes first varies from run to run
+        log = Log()
+        client = FakeClient()
+        waiting = anyio.Event()
+        response = StreamingResponse(produce(log, waiting), background=log.task())
+        with anyio.fail_after(WATCHDOG):
+            async with anyio.create_task_group() as server:
+                server.start_soon(response, client.scope(), client.receive, client.send)
+                await waiting.wait()
+                server.cancel_scope.cancel()
+        assert response.outcome is Outcome.CANCELLED
+        assert log.events == ["cleanup started", "cleanup finished", "background"]
+
+
 async def test_a_cancellation_raised_by_the_producer_itself_ends_the_response(anyio_backend: str) -> None:
     """A producer that awaits a task someone else cancelled raises a ``CancelledError`` that no scope sent:
     the response ends as after an outside cancellation, quietly, instead of waiting for the client."""
