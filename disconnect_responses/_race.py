@@ -151,8 +151,15 @@ class Race:
                 await self._finish(close)
         finally:
             _current_race.reset(token)
-        if self.error is not None:
-            raise self.error
+        error, self.error = self.error, None
+        if error is not None:
+            # Neither this race nor this frame may keep the exception: its traceback holds both,
+            # and the producer's frames with them, which a cycle would keep until the garbage
+            # collector runs.
+            try:
+                raise error
+            finally:
+                error = None
 
     def stop(self, outcome: Outcome) -> None:
         """End the race from outside the body: the body is cancelled where it waits."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import logging
 import sys
 import threading
@@ -310,6 +311,29 @@ async def test_producer_error_is_reraised_unwrapped(producer: str, policy: Backg
     assert type(caught.value) is ValueError
     assert response.outcome is Outcome.ERROR
     assert log.events == (["closed", "background"] if policy == "always" else ["closed"])
+
+
+async def test_a_reraised_error_keeps_no_cycle_with_the_producers_frames() -> None:
+    """Once the error has reached the server and been dropped, the producer's frames (and what their
+    locals hold, an upstream client say) are freed at once, not when the garbage collector runs."""
+    freed = anyio.Event()
+
+    class Upstream:
+        def __del__(self) -> None:
+            freed.set()
+
+    async def failing() -> AsyncIterator[bytes]:
+        upstream = Upstream()  # noqa: F841 - held by the frame until it is freed
+        yield CHUNK
+        raise ValueError("upstream broke")
+
+    gc.disable()
+    try:
+        with pytest.raises(ValueError, match="upstream broke"):
+            await run(StreamingResponse(failing()), FakeClient())
+        assert freed.is_set()
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize("policy", POLICIES)
