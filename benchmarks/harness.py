@@ -276,11 +276,12 @@ SLICE = 0.1
 def requests_per_second(ports: Mapping[str, int], path: str, connections: int, seconds: float) -> dict[str, float]:
     """Keep-alive GETs on ``connections`` sockets per server, each sent once the last reply ended.
 
-    The servers take turns in slices of ``SLICE`` seconds, in the order ABBA, until each had
-    ``seconds``: a change in the machine's load (another tenant, the CPU's clock) then hits them
-    alike, where two runs one after the other saw ratios from 0.8 to 1.05. A slice stops sending
-    at its end and lasts until its last reply; its replies over its length give the rate. The
-    responses are chunked (a streamed body) and end with the empty chunk ``0\\r\\n\\r\\n``.
+    The servers take turns in slices of ``SLICE`` seconds, in the order ABBA starting with the
+    first of ``ports``, until each had at least ``seconds``: a change in the machine's load
+    (another tenant, the CPU's clock) then hits them alike, where two runs one after the other saw
+    ratios from 0.8 to 1.05. A slice stops sending at its end and lasts until its last reply; each
+    server's replies over the summed length of its slices give its rate. The responses are chunked
+    (a streamed body) and end with the empty chunk ``0\\r\\n\\r\\n``.
     """
     request = request_bytes(path, {}, keep_alive=True)
     selector = selectors.DefaultSelector()

@@ -12,8 +12,9 @@ CONNECTIONS = 16
 def run(bench: Bench) -> list[Row]:
     case = "1 KiB streamed responses, keep-alive"
     results: dict[str, list[Mapping[str, float]]] = {impl: [] for impl in IMPLS}
-    ports = {impl: bench.servers[impl].port for impl in IMPLS}
     for rep in range(bench.repeat):
+        order = IMPLS if rep % 2 == 0 else IMPLS[::-1]
+        ports = {impl: bench.servers[impl].port for impl in order}
         rates = requests_per_second(ports, "/small", CONNECTIONS, bench.seconds)
         for impl in IMPLS:
             results[impl].append({"req/s": rates[impl]})

@@ -194,15 +194,17 @@ class Race:
                     # As in Starlette, the listener runs here and the body in a child task, which
                     # starts once the listener waits: a client the server already knows is gone
                     # never sees the body start, and a body that ends wakes this task and no other.
-                    # (One that left since the server last looked costs at most YIELD_EVERY_BYTES
-                    # of body: a loop turn after the headers would cost every small response more.)
+                    # One that left since the server last looked does see its producer start, and
+                    # gets up to YIELD_EVERY_BYTES of body, plus the chunk that crosses it: the
+                    # loop turn after the headers that would spare it costs every response more.
                     task_group.start_soon(self._run_body_in_child, body)
                     try:
                         await self._listen_for_disconnect()
                     except BaseException as exc:
-                        # A cancellation before the race is decided comes from the server: a stop
-                        # like any other for the body, so that its producer's cleanup is shielded
-                        # too. (Looked at only then: a decided race cancels the listener itself.)
+                        # A cancellation before the race is decided comes from outside: decided
+                        # here, it sets stopping() for a producer that the cancellation cannot
+                        # reach (in a worker thread, in a shielded scope). (Looked at only then: a
+                        # decided race cancels the listener itself.)
                         if not self._stopped and isinstance(exc, anyio.get_cancelled_exc_class()):
                             self.stop(Outcome.CANCELLED)
                         raise
@@ -273,11 +275,12 @@ class Race:
         there; the cancellation is level-triggered, so an ``async with`` whose ``__aexit__`` awaits
         (closing a client, releasing a lock) would be cut at its first await. Driving the body
         step by step instead of with ``await`` shows when it resumes with the stop's cancellation
-        (or that of a scope around the whole response) outside ``send()``, that is in the
-        producer: then, before the producer runs on, the guard around the body is shielded, with
-        ``cleanup_timeout`` as its deadline. A producer that
-        resumes without it (from a shielded scope or a worker thread) takes it at its next await.
-        A step that does not wait (an item ready at once, a send that returns) costs nothing here.
+        outside ``send()``, that is in the producer: then, before the producer runs on, the guard
+        around the body is shielded, with ``cleanup_timeout`` as its deadline. The cancellation of
+        a scope around the whole response, seen here before the listener saw it, counts as the
+        stop (``CANCELLED``). A producer that resumes without it (from a shielded scope or a
+        worker thread) takes it at its next await. A step that does not wait (an item ready at
+        once, a send that returns) costs nothing here.
         """
         guard = self._guard
         assert guard is not None  # for mypy: the body runs inside it
@@ -416,9 +419,10 @@ class Race:
 
 
 def _takes_stop(guard: anyio.CancelScope, suspended: Any, message: Any, error: BaseException | None) -> bool:
-    """Whether a producer resumes with the stop's cancellation: one from a cancel scope, while no
-    scope of the producer's own inside ``guard`` is cancelled too (its own timeout, or on trio the
-    scope a checkpoint uses), which would own it, and catch it once the guard is shielded."""
+    """Whether a producer resumes with a cancellation from a cancel scope outside ``guard`` (the
+    race's stop, or a scope around the whole response), while no scope of the producer's own
+    inside ``guard`` is cancelled too (its own timeout, or on trio the scope a checkpoint uses),
+    which would own it, and catch it once the guard is shielded."""
     if not _cancels(suspended, message, error):
         return False
     guard.shield = True  # ends the look at the scopes inside the guard

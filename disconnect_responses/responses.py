@@ -341,8 +341,13 @@ class _ReadAhead:
 
     async def result(self) -> bytes:
         await self.done.wait()
-        if self.error is not None:
-            raise self.error
+        error, self.error = self.error, None
+        if error is not None:
+            # Kept here, the exception would make a cycle with its traceback (Race.respond).
+            try:
+                raise error
+            finally:
+                error = None
         return self.data
 
 

@@ -183,8 +183,8 @@ def test_gone_before_the_first_item_a_sync_producer_never_starts(
 @pytest.mark.parametrize("kind", KINDS)
 def test_gone_before_the_first_item_an_async_producer_never_starts(kind: str, recorder: Recorder) -> None:
     """The server reported the disconnect before the response was called: no producer is started for a
-    client that has gone, and no body byte is handed to the server, even where the server's ``send()``
-    of the headers returns without yielding (uvicorn, hypercorn on asyncio)."""
+    client that has gone, and no body byte is handed to the server (the listener hears it before the
+    body starts)."""
     contents: list[AsyncIterator[bytes]] = []
 
     def producer(recorder: Recorder) -> AsyncIterator[bytes]:
