@@ -523,6 +523,8 @@ def _wrap_websocket_denial_send(send: Send) -> Send:
 
 async def close_iterator(iterator: object) -> None:
     """Close an async or sync iterator the way its type allows: ``aclose()``, else ``close()``."""
+    if inspect.isasyncgen(iterator) and iterator.ag_frame is None:
+        return  # it returned, or was closed: nothing is left to close
     aclose = getattr(iterator, "aclose", None)
     if aclose is not None:
         await aclose()
