@@ -860,15 +860,9 @@ async def test_divergence_14_an_asyncio_timeout_is_not_taken_for_the_stop(anyio_
     assert log.events == ["own timeout", "closed", "background"]
 
 
-async def test_divergence_14_a_native_cancellation_of_the_request_shields_the_cleanup_too(anyio_backend: str) -> None:
-    """A server cancelling the request's task natively (asyncio's ``task.cancel()``, as hypercorn and
-    ``asyncio.run`` do) while the producer waits for its upstream: the producer's cleanup awaits to its
-    end, the background task runs, and the cancellation still reaches the server."""
-    if anyio_backend != "asyncio":
-        pytest.skip("asyncio's native cancellation")
-    log = Log()
-    client = FakeClient()
-    waiting = anyio.Event()
+def waits_then_cleans_up(log: Log, waiting: anyio.Event) -> AsyncIterator[bytes]:
+    """Yields one chunk, sets ``waiting`` and waits for an upstream that never answers; its ``finally``
+    awaits twice between two log entries."""
 
     async def produce() -> AsyncIterator[bytes]:
         try:
@@ -880,7 +874,19 @@ async def test_divergence_14_a_native_cancellation_of_the_request_shields_the_cl
             await awaits_twice()
             log.append("cleanup finished")
 
-    response = StreamingResponse(produce(), background=log.task())
+    return produce()
+
+
+async def test_divergence_14_a_native_cancellation_of_the_request_shields_the_cleanup_too(anyio_backend: str) -> None:
+    """A server cancelling the request's task natively (asyncio's ``task.cancel()``, as hypercorn and
+    ``asyncio.run`` do) while the producer waits for its upstream: the producer's cleanup awaits to its
+    end, the background task runs, and the cancellation still reaches the server."""
+    if anyio_backend != "asyncio":
+        pytest.skip("asyncio's native cancellation")
+    log = Log()
+    client = FakeClient()
+    waiting = anyio.Event()
+    response = StreamingResponse(waits_then_cleans_up(log, waiting), background=log.task())
     with anyio.fail_after(WATCHDOG):
         task = asyncio.ensure_future(response(client.scope(), client.receive, client.send))
         await waiting.wait()
@@ -895,22 +901,11 @@ async def test_divergence_14_a_cancelled_scope_around_the_response_shields_the_c
     """A server cancelling a scope around the response (hypercorn on trio cancels its request nursery)
     while the producer waits for its upstream: the cancellation may reach the body before the listener,
     and either way the producer's cleanup awaits to its end and the background task runs."""
-
-    async def produce(log: Log, waiting: anyio.Event) -> AsyncIterator[bytes]:
-        try:
-            yield CHUNK
-            waiting.set()
-            await anyio.sleep_forever()
-        finally:
-            log.append("cleanup started")
-            await awaits_twice()
-            log.append("cleanup finished")
-
     for _ in range(20 if anyio_backend == "trio" else 1):  # which task trio wakes first varies
         log = Log()
         client = FakeClient()
         waiting = anyio.Event()
-        response = StreamingResponse(produce(log, waiting), background=log.task())
+        response = StreamingResponse(waits_then_cleans_up(log, waiting), background=log.task())
         with anyio.fail_after(WATCHDOG):
             async with anyio.create_task_group() as server:
                 server.start_soon(response, client.scope(), client.receive, client.send)
