@@ -679,15 +679,15 @@ async def test_divergence_5_a_blocked_next_is_abandoned_and_closed_when_it_retur
 
 
 def interrupted_at_an_upstream_await(
-    log: Log, client: FakeClient, cleanup: Callable[[], Awaitable[None]]
+    log: Log, waiting: Callable[[], object], cleanup: Callable[[], Awaitable[None]]
 ) -> AsyncIterator[bytes]:
-    """Yields one chunk, then makes the client leave while it waits for its upstream; its ``finally``
-    runs ``cleanup``, between two log entries."""
+    """Yields one chunk, then calls ``waiting`` (the client leaves, say) as it waits for an upstream that
+    never answers; its ``finally`` runs ``cleanup``, between two log entries."""
 
     async def produce() -> AsyncIterator[bytes]:
         try:
             yield CHUNK
-            client.leave()
+            waiting()
             await anyio.sleep_forever()
         finally:
             log.append("cleanup started")
@@ -709,7 +709,9 @@ async def test_divergence_14_cleanup_interrupted_at_an_upstream_await_can_await(
     ``finally``, an ``__aexit__``) then awaits to its end, before the background task."""
     log = Log()
     client = FakeClient(spec_version)
-    response = StreamingResponse(interrupted_at_an_upstream_await(log, client, awaits_twice), background=log.task())
+    response = StreamingResponse(
+        interrupted_at_an_upstream_await(log, client.leave, awaits_twice), background=log.task()
+    )
     await run(response, client)
     assert response.outcome is Outcome.DISCONNECTED
     assert log.events == ["cleanup started", "cleanup finished", "background"]
@@ -724,7 +726,7 @@ async def test_divergence_14_cleanup_that_never_ends_is_bounded_by_cleanup_timeo
     log = Log()
     client = FakeClient()
     response = StreamingResponse(
-        interrupted_at_an_upstream_await(log, client, anyio.sleep_forever), background=log.task()
+        interrupted_at_an_upstream_await(log, client.leave, anyio.sleep_forever), background=log.task()
     )
     response.cleanup_timeout = 0.05
     await run(response, client)
@@ -860,23 +862,6 @@ async def test_divergence_14_an_asyncio_timeout_is_not_taken_for_the_stop(anyio_
     assert log.events == ["own timeout", "closed", "background"]
 
 
-def waits_then_cleans_up(log: Log, waiting: anyio.Event) -> AsyncIterator[bytes]:
-    """Yields one chunk, sets ``waiting`` and waits for an upstream that never answers; its ``finally``
-    awaits twice between two log entries."""
-
-    async def produce() -> AsyncIterator[bytes]:
-        try:
-            yield CHUNK
-            waiting.set()
-            await anyio.sleep_forever()
-        finally:
-            log.append("cleanup started")
-            await awaits_twice()
-            log.append("cleanup finished")
-
-    return produce()
-
-
 async def test_divergence_14_a_native_cancellation_of_the_request_shields_the_cleanup_too(anyio_backend: str) -> None:
     """A server cancelling the request's task natively (asyncio's ``task.cancel()``, as hypercorn and
     ``asyncio.run`` do) while the producer waits for its upstream: the producer's cleanup awaits to its
@@ -886,7 +871,9 @@ async def test_divergence_14_a_native_cancellation_of_the_request_shields_the_cl
     log = Log()
     client = FakeClient()
     waiting = anyio.Event()
-    response = StreamingResponse(waits_then_cleans_up(log, waiting), background=log.task())
+    response = StreamingResponse(
+        interrupted_at_an_upstream_await(log, waiting.set, awaits_twice), background=log.task()
+    )
     with anyio.fail_after(WATCHDOG):
         task = asyncio.ensure_future(response(client.scope(), client.receive, client.send))
         await waiting.wait()
@@ -905,7 +892,9 @@ async def test_divergence_14_a_cancelled_scope_around_the_response_shields_the_c
         log = Log()
         client = FakeClient()
         waiting = anyio.Event()
-        response = StreamingResponse(waits_then_cleans_up(log, waiting), background=log.task())
+        response = StreamingResponse(
+            interrupted_at_an_upstream_await(log, waiting.set, awaits_twice), background=log.task()
+        )
         with anyio.fail_after(WATCHDOG):
             async with anyio.create_task_group() as server:
                 server.start_soon(response, client.scope(), client.receive, client.send)
