@@ -16,7 +16,7 @@ import contextlib
 import errno
 import logging
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from types import TracebackType
 
 import anyio
@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from disconnect_responses import Outcome, StreamingResponse
 from disconnect_responses._race import YIELD_EVERY_BYTES, BackgroundPolicy
 
-from .servers import Recorder, RunningServer, http_scope, open_response, partial_read, request_then_leave, serve
+from .servers import Event, Recorder, RunningServer, http_scope, open_response, partial_read, request_then_leave, serve
 
 pytestmark = pytest.mark.usefixtures("library_log")
 KINDS = ("uvicorn-httptools", "hypercorn-asyncio", "hypercorn-trio")
@@ -107,6 +107,14 @@ def assert_closed_then_background(recorder: Recorder) -> None:
     assert names.count("iterator closed") == 1, names
     assert names.count("background ran") == 1, names
     assert names.index("iterator closed") < names.index("background ran"), names
+
+
+def assert_held_for_cleanup_timeout(events: Sequence[Event], since: str) -> None:
+    """The background task started ``QuickCleanup.cleanup_timeout`` after ``since``, give or take the
+    server's pace: the cleanup was waited for that long, and no longer."""
+    times = {event.name: event.time for event in events}
+    held = times["background ran"] - times[since]
+    assert QuickCleanup.cleanup_timeout * 0.9 <= held < QuickCleanup.cleanup_timeout + 2.0
 
 
 def library_records(caplog: pytest.LogCaptureFixture, level: int) -> list[logging.LogRecord]:
@@ -598,9 +606,7 @@ def test_aexit_that_never_ends_is_bounded_by_cleanup_timeout(
             response = finished(recorder)
             events = recorder.wait_for("background ran")
     assert response.outcome is Outcome.DISCONNECTED
-    times = {event.name: event.time for event in events}
-    held = times["background ran"] - times["exit started"]
-    assert QuickCleanup.cleanup_timeout * 0.9 <= held < QuickCleanup.cleanup_timeout + 2.0
+    assert_held_for_cleanup_timeout(events, "exit started")
     assert "exit finished" not in recorder.names()
     [warning] = library_records(caplog, logging.WARNING)
     assert "closing the body iterator" in warning.getMessage() and "0.2 s" in warning.getMessage()
@@ -653,9 +659,7 @@ def test_aexit_interrupted_at_an_upstream_await_is_bounded_by_cleanup_timeout(
         response = finished(recorder)
         events = recorder.wait_for("background ran")
     assert response.outcome is Outcome.DISCONNECTED
-    times = {event.name: event.time for event in events}
-    held = times["background ran"] - times["exit started"]
-    assert QuickCleanup.cleanup_timeout * 0.9 <= held < QuickCleanup.cleanup_timeout + 2.0
+    assert_held_for_cleanup_timeout(events, "exit started")
     assert "exit finished" not in recorder.names()
     assert_closed_then_background(recorder)
     [warning] = library_records(caplog, logging.WARNING)
@@ -702,9 +706,7 @@ def test_sync_iterator_blocked_in_next(kind: str, recorder: Recorder, caplog: py
     finally:
         release.set()
     assert response.outcome is Outcome.DISCONNECTED
-    times = {event.name: event.time for event in events}
-    held = times["background ran"] - times["disconnect seen"]
-    assert QuickCleanup.cleanup_timeout * 0.9 <= held < QuickCleanup.cleanup_timeout + 2.0
+    assert_held_for_cleanup_timeout(events, "disconnect seen")
     [blocked_thread] = recorder.values("blocked in next")
     assert recorder.values("iterator closed") == [blocked_thread]
     assert blocked_thread != f"server-{kind}"
