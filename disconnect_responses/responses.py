@@ -1,6 +1,7 @@
 """Drop-in replacements for ``starlette.responses.StreamingResponse`` and ``FileResponse``.
 
-Each class keeps its parent's constructor, headers and body bytes; what changes is how a call
+The public classes; how a call ends lives in ``_race.py``, the file transfer in ``_file.py``. Each
+class keeps its parent's constructor, headers and body bytes; what changes is how a call
 ends. Intentional divergences from Starlette, each covered by a test that names its number:
 
 1. The disconnect listener runs on every ASGI spec version. Starlette skips it from 2.4 on and
@@ -71,29 +72,22 @@ ends. Intentional divergences from Starlette, each covered by a test that names 
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
 import os
-import stat
-import time
-from collections.abc import AsyncIterable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterable, Awaitable, Callable, Mapping, Sequence
 from email.utils import formatdate
 from functools import partial
-from http import HTTPStatus
 from mimetypes import guess_type
-from secrets import token_hex
 
-import anyio
-import anyio.to_thread
 import starlette.responses
-from anyio.abc import TaskGroup
 from starlette.background import BackgroundTask
-from starlette.datastructures import Headers, MutableHeaders
-from starlette.responses import ContentStream, MalformedRangeHeader, PlainTextResponse, RangeNotSatisfiable
+from starlette.responses import ContentStream
 from starlette.types import Receive, Scope, Send
 
-from ._race import BackgroundPolicy, Outcome, Race, SyncIterator, close_iterator, current_race, logger
+from ._file import FileTransfer
+from ._iterate import SyncIterator, close_iterator
+from ._race import BackgroundPolicy, Outcome, Race
+from ._starlette import generate_multipart
 
 
 class StreamingResponse(starlette.responses.StreamingResponse):
@@ -128,23 +122,13 @@ class StreamingResponse(starlette.responses.StreamingResponse):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         race = Race(self, scope, receive, send)
-        await race.respond(self.stream_response, partial(close_iterator, self.body_iterator))
 
-    async def stream_response(self, send: Send) -> None:
-        # Starlette's own, driven by the race (divergence 14), which shields the producer's
-        # cleanup if the response stops while the producer awaits.
-        await current_race().drive(super().stream_response(send))
+        def body(send: Send) -> Awaitable[None]:
+            # Starlette's own stream_response, driven by the race (divergence 14), which shields
+            # the producer's cleanup if the response stops while the producer awaits.
+            return race.drive(self.stream_response(send))
 
-
-# FileResponse pacing. Every client looks fast while the socket buffers fill (several MiB on
-# loopback), so a client is judged on its rate only once this much went out, over windows of
-# _RATE_WINDOW bytes; a window that lasts longer than _RATE_WINDOW / _FAST_RATE ends early, so a
-# fast client that slows down is back to small chunks within about 16 ms.
-_FAST_AFTER = 8 * 1024 * 1024
-_RATE_WINDOW = 4 * 1024 * 1024
-_FAST_RATE = 256 * 1024 * 1024
-
-_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+        await race.respond(body, partial(close_iterator, self.body_iterator))
 
 
 class FileResponse(starlette.responses.FileResponse):
@@ -206,7 +190,7 @@ class FileResponse(starlette.responses.FileResponse):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         race = Race(self, scope, receive, send)
-        transfer = _FileTransfer(self, scope, race)
+        transfer = FileTransfer(self, scope, race)
         await race.respond(transfer.run, transfer.close)
 
     def generate_multipart(
@@ -216,344 +200,4 @@ class FileResponse(starlette.responses.FileResponse):
         max_size: int,
         content_type: str,
     ) -> tuple[int, Callable[[int, int], bytes]]:
-        # Vendored from Starlette 1.10: before 0.41 the parts were framed with bare "\n".
-        boundary_len = len(boundary)
-        static_header_part_len = 49 + boundary_len + len(content_type) + len(str(max_size))
-        content_length = sum(
-            (len(str(start)) + len(str(end - 1)) + static_header_part_len) + (end - start) for start, end in ranges
-        ) + (4 + boundary_len)
-
-        def part_header(start: int, end: int) -> bytes:
-            return (
-                f"--{boundary}\r\nContent-Type: {content_type}\r\n"
-                f"Content-Range: bytes {start}-{end - 1}/{max_size}\r\n\r\n"
-            ).encode("latin-1")
-
-        return content_length, part_header
-
-    def _use_range(self, http_if_range: str) -> bool:
-        # Vendored from Starlette 1.10 (_should_use_range).
-        if http_if_range.startswith("W/"):
-            return False
-        return http_if_range == self.headers["last-modified"] or http_if_range == self.headers["etag"]
-
-    @classmethod
-    def _ranges(cls, http_range: str, file_size: int) -> list[tuple[int, int]]:
-        # Vendored from Starlette 1.10 (_parse_range_header): 0.40 parsed with a regex, merged
-        # differently and had no cap on the number of ranges.
-        try:
-            units, range_ = http_range.split("=", 1)
-        except ValueError:
-            raise MalformedRangeHeader() from None
-        if units.strip().lower() != "bytes":
-            raise MalformedRangeHeader("Only support bytes range")
-        if range_.count(",") + 1 > cls.max_ranges:
-            return []
-        ranges = _parse_ranges(range_, file_size)
-        if len(ranges) == 0:
-            raise MalformedRangeHeader("Range header: range must be requested")
-        if any(not (0 <= start < file_size) for start, _ in ranges):
-            raise RangeNotSatisfiable(file_size)
-        if any(start >= end for start, end in ranges):
-            raise MalformedRangeHeader("Range header: start must be less than end")
-        if len(ranges) == 1:
-            return ranges
-        ranges.sort()
-        result: list[tuple[int, int]] = [ranges[0]]
-        for start, end in ranges[1:]:
-            last_start, last_end = result[-1]
-            if start <= last_end:
-                result[-1] = (last_start, max(last_end, end))
-            else:
-                result.append((start, end))
-        return result
-
-
-def _parse_ranges(range_: str, file_size: int) -> list[tuple[int, int]]:
-    # Vendored from Starlette 1.10 (FileResponse._parse_ranges).
-    ranges: list[tuple[int, int]] = []
-    for part in range_.split(","):
-        part = part.strip()
-        if not part or part == "-" or "-" not in part:
-            continue
-        start_str, end_str = part.split("-", 1)
-        start_str = start_str.strip()
-        end_str = end_str.strip()
-        try:
-            start = int(start_str) if start_str else max(file_size - int(end_str), 0)
-            end = int(end_str) + 1 if start_str and end_str and int(end_str) < file_size else file_size
-            ranges.append((start, end))
-        except ValueError:
-            continue
-    return ranges
-
-
-class _NotARegularFile(Exception):
-    pass
-
-
-class _Pacer:
-    """Chooses the chunk size, and whether to read ahead, from the rate the client takes bytes at.
-
-    A slow client gets Starlette's one chunk of ``small`` bytes at a time and nothing read ahead,
-    so it costs no more memory than it does under Starlette; a client that proves fast gets chunks
-    of ``large`` bytes, and those that come from the disk are read one ahead of the send.
-    """
-
-    def __init__(self, small: int, large: int) -> None:
-        self.fast = False
-        self._small = small
-        self._large = large
-        self._total = 0
-        self._window_bytes = 0
-        self._window_start = time.monotonic()
-
-    @property
-    def chunk_size(self) -> int:
-        return self._large if self.fast else self._small
-
-    def sent(self, nbytes: int) -> None:
-        self._total += nbytes
-        self._window_bytes += nbytes
-        elapsed = time.monotonic() - self._window_start
-        if self._window_bytes >= _RATE_WINDOW or elapsed * _FAST_RATE >= _RATE_WINDOW:
-            self.fast = self._total >= _FAST_AFTER and self._window_bytes >= elapsed * _FAST_RATE
-            self._window_bytes = 0
-            self._window_start += elapsed
-
-
-class _ReadAhead:
-    """One read running in a worker thread while the previous chunk is sent."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.done = anyio.Event()
-        self.data = b""
-        self.error: Exception | None = None
-
-    async def run(self, fd: int, offset: int) -> None:
-        try:
-            self.data = await anyio.to_thread.run_sync(_read_at, fd, self.size, offset)
-        except Exception as exc:
-            self.error = exc
-        finally:
-            self.done.set()
-
-    async def result(self) -> bytes:
-        await self.done.wait()
-        error, self.error = self.error, None
-        if error is not None:
-            # Kept here, the exception would make a cycle with its traceback (Race.respond).
-            try:
-                raise error
-            finally:
-                error = None
-        return self.data
-
-
-def _seek_and_read(fd: int, size: int, offset: int) -> bytes:
-    # Where os.pread is missing (Windows), seeking is safe: a response has one read in flight.
-    os.lseek(fd, offset, os.SEEK_SET)
-    return os.read(fd, size)
-
-
-_read_at: Callable[[int, int, int], bytes] = getattr(os, "pread", _seek_and_read)
-
-
-class _FileTransfer:
-    """One call of a ``FileResponse``: the open file, the request's choices and the body's sends."""
-
-    def __init__(self, response: FileResponse, scope: Scope, race: Race) -> None:
-        self.response = response
-        self.scope = scope
-        self.race = race
-        self.fd: int | None = None
-        self.pacer = _Pacer(response.chunk_size, max(response.chunk_size, response.max_chunk_size))
-
-    def _open(self) -> os.stat_result:
-        # Runs in a worker thread that a cancellation waits for, so the descriptor is always
-        # recorded for close(). The stat before the open keeps a FIFO or a device from being
-        # opened at all; the fstat after it tells what was opened.
-        path = os.fspath(self.response.path)
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            raise _NotARegularFile
-        self.fd = os.open(path, _OPEN_FLAGS)
-        result = os.fstat(self.fd)
-        if not stat.S_ISREG(result.st_mode):
-            raise _NotARegularFile
-        return result
-
-    async def close(self) -> None:
-        fd, self.fd = self.fd, None
-        if fd is not None:
-            await anyio.to_thread.run_sync(os.close, fd)
-
-    async def run(self, send: Send) -> None:
-        response = self.response
-        scope = self.scope
-        try:
-            opened = await anyio.to_thread.run_sync(self._open)
-        except Exception as exc:  # divergence 9
-            refusal = _refusal(exc)
-            if refusal is None:
-                raise
-            status, reason = refusal
-            logger.warning("FileResponse cannot serve %s: %s; answering %d", response.path, reason, status)
-            await _send_plain(send, HTTPStatus(status).phrase, status)
-            return
-        if response.stat_result is None:  # divergence 8: the headers describe the open file
-            response.set_stat_headers(opened)
-            stat_result = opened
-        else:
-            stat_result = response.stat_result
-        size = stat_result.st_size
-
-        scope_type = scope["type"]
-        method = scope["method"].upper() if scope_type == "http" else "GET"
-        header_only = method == "HEAD"
-        pathsend = scope_type == "http" and "http.response.pathsend" in scope.get("extensions", {})
-        headers = Headers(scope=scope)
-        http_range = headers.get("range")
-        http_if_range = headers.get("if-range")
-        ranges: list[tuple[int, int]] = []
-        if not (
-            response.status_code != 200
-            or http_range is None
-            or method not in ("GET", "HEAD")
-            or (http_if_range is not None and not response._use_range(http_if_range))
-        ):
-            try:
-                ranges = response._ranges(http_range, size)
-            except MalformedRangeHeader as exc:
-                await _send_plain(send, exc.content, 400)
-                return
-            except RangeNotSatisfiable as exc:
-                await _send_plain(send, "", 416, {"Content-Range": f"bytes */{exc.max_size}"})
-                return
-
-        if len(ranges) == 0:
-            await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
-            if header_only:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-            elif pathsend:
-                await send({"type": "http.response.pathsend", "path": str(response.path)})
-                self.race.bytes_sent += size
-            else:
-                await self._send_parts(send, [(None, 0, size)], None)
-        elif len(ranges) == 1:
-            start, end = ranges[0]
-            range_headers = MutableHeaders(raw=list(response.raw_headers))
-            range_headers["content-range"] = f"bytes {start}-{end - 1}/{size}"
-            range_headers["content-length"] = str(end - start)
-            await send({"type": "http.response.start", "status": 206, "headers": range_headers.raw})
-            if header_only:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-            else:
-                await self._send_parts(send, [(None, start, end)], None)
-        else:
-            # In firefox and chrome, they use boundary with 95-96 bits entropy (that's roughly 13 bytes).
-            boundary = token_hex(13)
-            content_length, part_header = response.generate_multipart(
-                ranges, boundary, size, response.headers["content-type"]
-            )
-            range_headers = MutableHeaders(raw=list(response.raw_headers))
-            range_headers["content-type"] = f"multipart/byteranges; boundary={boundary}"
-            range_headers["content-length"] = str(content_length)
-            await send({"type": "http.response.start", "status": 206, "headers": range_headers.raw})
-            if header_only:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-            else:
-                parts = [(part_header(start, end), start, end) for start, end in ranges]
-                await self._send_parts(send, parts, f"--{boundary}--".encode("latin-1"))
-
-    async def _send_parts(
-        self, send: Send, parts: Sequence[tuple[bytes | None, int, int]], closing: bytes | None
-    ) -> None:
-        """Send each part's header (if any) and its byte range of the file, then ``closing``.
-
-        The sends run in the calling task and the read-ahead in a child task that never raises,
-        so an error or a stop from ``send`` leaves the task group unwrapped, after the read in
-        flight (which the descriptor must outlive) has finished.
-        """
-        error: Exception | None = None
-        async with anyio.create_task_group() as task_group:
-            try:
-                for index, (header, start, end) in enumerate(parts):
-                    if header is not None:
-                        await send({"type": "http.response.body", "body": header, "more_body": True})
-                    last = closing is None and index == len(parts) - 1
-                    if not await self._send_range(send, task_group, start, end, last):
-                        return
-                    if closing is not None:
-                        await send({"type": "http.response.body", "body": b"\r\n", "more_body": True})
-                if closing is not None:
-                    await send({"type": "http.response.body", "body": closing, "more_body": False})
-            except Exception as exc:
-                error = exc
-                task_group.cancel_scope.cancel()
-        if error is not None:
-            raise error
-
-    async def _send_range(self, send: Send, task_group: TaskGroup, start: int, end: int, last: bool) -> bool:
-        """Send bytes ``start`` to ``end`` of the file; ``False`` if it ended before ``end``."""
-        fd = self.fd
-        assert fd is not None
-        position = start
-        ahead: _ReadAhead | None = None
-        if start == end and last:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        while position < end:
-            if ahead is None:
-                size = min(self.pacer.chunk_size, end - position)
-                chunk = await anyio.to_thread.run_sync(_read_at, fd, size, position)
-            else:
-                chunk = await ahead.result()
-                ahead = None
-            if not chunk:
-                await self._cut_short(send, end, position)
-                return False
-            position += len(chunk)
-            if self.pacer.fast and position < end:
-                # Divergence 11: a fast client's next chunk is read while this one is sent.
-                ahead = _ReadAhead(min(self.pacer.chunk_size, end - position))
-                task_group.start_soon(ahead.run, fd, position)
-            await send({"type": "http.response.body", "body": chunk, "more_body": not last or position < end})
-            self.pacer.sent(len(chunk))
-        return True
-
-    async def _cut_short(self, send: Send, expected: int, got: int) -> None:
-        # Divergence 10. Over HTTP/1 the response is left without its last message, which makes
-        # uvicorn and hypercorn close the connection (uvicorn logs one line, no traceback); a last
-        # message short of the content-length would raise inside the server instead (and uvicorn's
-        # h11 then leaves the client waiting). Over HTTP/2 a last message ends the stream and the
-        # client sees the length mismatch; without it the stream would hang.
-        logger.warning(
-            "FileResponse: %s shrank while it was sent: expected %d bytes, the file ended at %d; response cut short",
-            self.response.path,
-            expected,
-            got,
-        )
-        if self.scope.get("http_version", "1.1") not in ("1.0", "1.1"):
-            with contextlib.suppress(Exception):
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-        self.race.stop(Outcome.TRUNCATED)
-
-
-def _refusal(exc: Exception) -> tuple[int, str] | None:
-    """The status and reason for a path that cannot be served, or ``None`` for a server error."""
-    if isinstance(exc, _NotARegularFile):
-        return 404, "not a regular file"
-    if isinstance(exc, PermissionError):
-        return 403, exc.strerror or "permission denied"
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG):
-        return 404, exc.strerror or "not found"
-    if isinstance(exc, ValueError):  # an embedded null byte
-        return 404, str(exc)
-    return None
-
-
-async def _send_plain(send: Send, content: str, status: int, headers: Mapping[str, str] | None = None) -> None:
-    # The messages of Starlette's PlainTextResponse, sent through the race's send.
-    answer = PlainTextResponse(content, status_code=status, headers=headers)
-    await send({"type": "http.response.start", "status": status, "headers": answer.raw_headers})
-    await send({"type": "http.response.body", "body": answer.body})
+        return generate_multipart(ranges, boundary, max_size, content_type)  # divergence 12

@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import os
 import re
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from email.utils import formatdate
 from pathlib import Path
@@ -30,7 +31,7 @@ from hypothesis import strategies as st
 from starlette.background import BackgroundTask
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-import disconnect_responses.responses
+import disconnect_responses._file
 from disconnect_responses import FileResponse, Outcome, StreamingResponse
 
 from .servers import RunningServer, fetch, http_scope, serve
@@ -93,7 +94,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Files:
 def _fixed_boundary() -> Iterator[None]:
     """One multipart boundary for both implementations, so their bytes can be compared."""
     with pytest.MonkeyPatch.context() as patch:
-        for module in (starlette.responses, disconnect_responses.responses):
+        for module in (starlette.responses, disconnect_responses._file):
             patch.setattr(module, "token_hex", lambda nbytes: BOUNDARY)
         yield
 
@@ -384,10 +385,10 @@ class _SyncProducer:
 class OddServer:
     """A fake server whose ``receive`` plays ``script``, then ``then``: "block" (until the call is
     over), "disconnect" (on every later call) or "unknown" (an unknown message on every call,
-    returned at once; after ``SPIN_LIMIT`` calls a disconnect, so that a listener that never yields
-    cannot hang the test)."""
-
-    SPIN_LIMIT = 10_000
+    returned at once, until the response has sent its last message). A listener that never yields
+    would hang the event loop, where no ``fail_after`` can fire: past ``WATCHDOG`` seconds of
+    unknown messages the fake answers with a disconnect, so such a listener fails the test on its
+    outcome instead of hanging it."""
 
     def __init__(self, script: list[Message], then: str, raises: Exception | None = None) -> None:
         self.script = list(script)
@@ -398,6 +399,7 @@ class OddServer:
         self.over = anyio.Event()
         self.disconnect_delivered = anyio.Event()
         self.hold_start = False
+        self.created = time.monotonic()
 
     async def receive(self) -> Message:
         self.receive_calls += 1
@@ -408,7 +410,7 @@ class OddServer:
         elif self.then == "block":
             await self.over.wait()
             message = {"type": "http.disconnect"}
-        elif self.then == "unknown" and self.receive_calls <= self.SPIN_LIMIT:
+        elif self.then == "unknown" and not self.finished and time.monotonic() - self.created < WATCHDOG:
             message = {"type": "http.foo"}
         else:
             message = {"type": "http.disconnect"}
@@ -530,9 +532,8 @@ async def test_odd_message_orders_are_handled(files: Files, order: str, kind: st
 
 @pytest.mark.parametrize("kind", ["file", "awaiting", "sync"])
 async def test_a_receive_that_never_blocks_does_not_starve_the_body(files: Files, kind: str) -> None:
-    """A server whose ``receive`` returns unknown messages at once, forever: the listener yields between
-    them, so the body still completes. (The fake sends a disconnect after 10,000 calls, so that a
-    listener that never yields ends the test as a failure instead of hanging the event loop.)"""
+    """A server whose ``receive`` returns unknown messages at once, until the body has ended: the
+    listener yields between them, so the body still completes."""
     server = OddServer([], "unknown")
     run = await run_odd(files, kind, server)
     assert run.error is None

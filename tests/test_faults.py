@@ -26,7 +26,7 @@ import pytest
 from starlette.background import BackgroundTask
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-import disconnect_responses.responses
+import disconnect_responses._file
 from disconnect_responses import FileResponse, Outcome, StreamingResponse
 from disconnect_responses._race import BackgroundPolicy
 
@@ -208,7 +208,7 @@ def test_file_read_error_mid_file(
     """The disk fails (EIO) 1 MiB into the file: the server logs that ``OSError`` (a read error is not
     a departed client), the file is closed before the background task, which follows the policy."""
     recorder = Recorder()
-    real_read_at = disconnect_responses.responses._read_at
+    real_read_at = disconnect_responses._file._read_at
 
     def eio() -> OSError:
         return OSError(errno.EIO, "Input/output error")
@@ -222,7 +222,7 @@ def test_file_read_error_mid_file(
         recorder.record("file closed", open_descriptors(file) == 0)
         recorder.record("background ran")
 
-    monkeypatch.setattr(disconnect_responses.responses, "_read_at", failing_read_at)
+    monkeypatch.setattr(disconnect_responses._file, "_read_at", failing_read_at)
 
     def make(scope: Scope) -> FileResponse:
         return FileResponse(file, background=BackgroundTask(background), background_policy=policy)

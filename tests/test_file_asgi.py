@@ -15,7 +15,7 @@ import pytest
 from starlette.background import BackgroundTask
 from starlette.types import Message, Scope
 
-import disconnect_responses.responses
+import disconnect_responses._file
 from disconnect_responses import FileResponse, Outcome, stopping
 
 from .servers import OpenedFiles, http_scope
@@ -87,9 +87,9 @@ def fast(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every client counts as fast after the first 128 KiB: large chunks (256 KiB, so that a test file
     holds several) and the read-ahead."""
     monkeypatch.setattr(FileResponse, "max_chunk_size", 256 * 1024)
-    monkeypatch.setattr(disconnect_responses.responses, "_FAST_AFTER", 128 * 1024)
-    monkeypatch.setattr(disconnect_responses.responses, "_RATE_WINDOW", 64 * 1024)
-    monkeypatch.setattr(disconnect_responses.responses, "_FAST_RATE", 1)
+    monkeypatch.setattr(disconnect_responses._file, "_FAST_AFTER", 128 * 1024)
+    monkeypatch.setattr(disconnect_responses._file, "_RATE_WINDOW", 64 * 1024)
+    monkeypatch.setattr(disconnect_responses._file, "_FAST_RATE", 1)
 
 
 RANGES = [
@@ -224,7 +224,7 @@ async def test_divergence_11_disconnect_during_a_read_waits_for_it(
     """A read still running in a worker thread is waited for: the descriptor outlives it, then closes."""
     reading = anyio.Event()
     release = threading.Event()
-    real_read_at = disconnect_responses.responses._read_at
+    real_read_at = disconnect_responses._file._read_at
     fd_valid_after_release: list[bool] = []
 
     def held_read_at(fd: int, size: int, offset: int) -> bytes:
@@ -234,7 +234,7 @@ async def test_divergence_11_disconnect_during_a_read_waits_for_it(
             fd_valid_after_release.append(not opened.closed())
         return real_read_at(fd, size, offset)
 
-    monkeypatch.setattr(disconnect_responses.responses, "_read_at", held_read_at)
+    monkeypatch.setattr(disconnect_responses._file, "_read_at", held_read_at)
     stopping_events: list[anyio.Event] = []
 
     async def capture_stopping(server: FakeServer, message: Message) -> None:
@@ -521,9 +521,9 @@ def iter_chunks(messages: list[Message]) -> Iterator[int]:
 
 async def test_divergence_11_slow_client_never_gets_large_chunks(file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A client below the rate threshold stays on 64 KiB chunks with nothing read ahead."""
-    monkeypatch.setattr(disconnect_responses.responses, "_FAST_AFTER", 0)
-    monkeypatch.setattr(disconnect_responses.responses, "_RATE_WINDOW", 64 * 1024)
-    monkeypatch.setattr(disconnect_responses.responses, "_FAST_RATE", 1 << 60)
+    monkeypatch.setattr(disconnect_responses._file, "_FAST_AFTER", 0)
+    monkeypatch.setattr(disconnect_responses._file, "_RATE_WINDOW", 64 * 1024)
+    monkeypatch.setattr(disconnect_responses._file, "_FAST_RATE", 1 << 60)
     server = FakeServer()
     await call(FileResponse(file), http_scope(), server)
     assert max(iter_chunks(server.messages)) == FileResponse.chunk_size

@@ -1,0 +1,236 @@
+"""The private behaviour of AnyIO, asyncio, trio, Starlette and the servers that the library relies on.
+
+Each test pins one assumption listed in a module header (A1-A5 in ``_cancel.py``, S1-S2 in
+``_shutdown.py``, R1 in ``_race.py``); its failure message names the assumption, so that a new
+release of a dependency fails here, by name, instead of as a puzzling divergence-14 or shutdown test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import math
+import os
+import signal
+import types
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator
+from types import FrameType
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+import starlette.responses
+import trio
+from starlette.types import Message
+
+from disconnect_responses._cancel import _cancels, _Uncancellable, from_a_cancel_scope, scope_like
+
+pytestmark = pytest.mark.anyio
+
+WATCHDOG = 5.0
+
+
+def broken(assumption: str, detail: object) -> str:
+    return f"Pinned assumption {assumption} no longer holds: {detail}"
+
+
+def test_a1_anyio_names_the_cancel_scope_in_the_cancellation_message() -> None:
+    caught: list[asyncio.CancelledError] = []
+
+    async def main() -> None:
+        with anyio.CancelScope() as scope:
+            asyncio.get_running_loop().call_soon(scope.cancel)
+            try:
+                await asyncio.sleep(WATCHDOG)
+            except asyncio.CancelledError as exc:
+                caught.append(exc)
+                raise
+
+    anyio.run(main, backend="asyncio")
+    assert from_a_cancel_scope(caught[0]), broken("A1 (AnyIO's cancellation message)", caught[0].args)
+
+
+def test_a1_asyncio_timeouts_send_no_cancel_scope_message() -> None:
+    caught: list[asyncio.CancelledError] = []
+
+    async def waits() -> None:
+        try:
+            await asyncio.sleep(WATCHDOG)
+        except asyncio.CancelledError as exc:
+            caught.append(exc)
+            raise
+
+    async def main() -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(waits(), 0.001)
+
+    asyncio.run(main())
+    assert not from_a_cancel_scope(caught[0]), broken("A1 (asyncio's own timeouts)", caught[0].args)
+
+
+@types.coroutine
+def _stepping(coro: Coroutine[Any, Any, None], seen: list[bool]) -> Generator[Any, Any, None]:
+    """Drives ``coro`` as ``Race.drive`` does, recording for each resumption whether it cancels."""
+    message: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            suspended = coro.send(message) if error is None else coro.throw(error)
+        except StopIteration:
+            return
+        message = error = None
+        try:
+            message = yield suspended
+        except BaseException as exc:
+            error = exc
+        seen.append(_cancels(suspended, message, error))
+
+
+async def test_a2_the_stop_s_cancellation_is_seen_where_the_task_resumes() -> None:
+    seen: list[bool] = []
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as task_group:
+
+            async def cancel_once_waiting() -> None:
+                await anyio.wait_all_tasks_blocked()
+                scope.cancel()
+
+            task_group.start_soon(cancel_once_waiting)
+            await _stepping(anyio.sleep(WATCHDOG), seen)
+    assert scope.cancelled_caught
+    assert seen == [True], broken("A2 (how a task resumes with a cancellation)", seen)
+
+
+async def test_a3_a_shielded_guard_hides_outer_cancellation_from_the_effective_deadline() -> None:
+    # The scopes are looked at, never awaited in: that is what takes_stop does.
+    with anyio.CancelScope() as outer:  # noqa: ASYNC100
+        with anyio.CancelScope() as guard:  # noqa: ASYNC100
+            outer.cancel()
+            guard.shield = True
+            outside = anyio.current_effective_deadline()
+            with anyio.CancelScope() as inner:  # noqa: ASYNC100
+                inner.cancel()
+                inside = anyio.current_effective_deadline()
+            guard.shield = False
+    assert (outside, inside) == (math.inf, -math.inf), broken("A3 (current_effective_deadline)", (outside, inside))
+
+
+async def test_a4_a_scope_of_the_task_group_s_class_works_as_a_cancel_scope() -> None:
+    async with anyio.create_task_group() as task_group:
+        scope = scope_like(task_group.cancel_scope)
+    assert isinstance(scope, anyio.CancelScope), broken("A4 (the scope's class)", type(scope))
+    with scope:
+        scope.cancel()
+        await anyio.sleep(WATCHDOG)
+    assert scope.cancelled_caught, broken("A4 (a scope made from the class)", "it caught no cancellation")
+    with scope_like(scope) as timed:
+        timed.deadline = anyio.current_time()
+        await anyio.sleep(WATCHDOG)
+    assert timed.cancelled_caught, broken("A4 (a scope made from the class)", "its deadline did not cancel")
+
+
+def test_a5_asyncio_run_cancels_left_tasks_and_waits_for_them() -> None:
+    cancel_calls: list[object] = []
+    finished: list[bool] = []
+
+    class Recording(_Uncancellable):
+        def cancel(self, msg: object = None) -> bool:
+            cancel_calls.append(msg)
+            return super().cancel(msg)
+
+    async def cleanup() -> None:
+        for _ in range(3):
+            await asyncio.sleep(0)
+        finished.append(True)
+
+    async def main() -> None:
+        Recording(cleanup(), loop=asyncio.get_running_loop())
+
+    asyncio.run(main())
+    assert cancel_calls and finished == [True], broken(
+        "A5 (asyncio.run's teardown)", f"cancel() called {len(cancel_calls)} times, cleanup finished: {finished}"
+    )
+
+
+def _loop_factories() -> list[Any]:
+    factories: list[Any] = [pytest.param(asyncio.new_event_loop, id="asyncio")]
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        factories.append(pytest.param(uvloop.new_event_loop, id="uvloop"))
+    return factories
+
+
+@pytest.mark.parametrize("new_loop", _loop_factories())
+def test_s1_a_handler_chained_in_front_of_add_signal_handler_keeps_the_loop_s(new_loop: Callable[[], Any]) -> None:
+    chained: list[int] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        delivered = asyncio.Event()
+        loop.add_signal_handler(signal.SIGUSR1, delivered.set)
+        try:
+            previous = signal.getsignal(signal.SIGUSR1)
+            assert callable(previous) and previous is not signal.default_int_handler, broken(
+                "S1 (add_signal_handler leaves a Python handler)", previous
+            )
+
+            def chain(signum: int, frame: FrameType | None) -> None:
+                chained.append(signum)
+                previous(signum, frame)
+
+            signal.signal(signal.SIGUSR1, chain)
+            os.kill(os.getpid(), signal.SIGUSR1)
+            try:
+                await asyncio.wait_for(delivered.wait(), WATCHDOG)
+            except asyncio.TimeoutError:
+                raise AssertionError(broken("S1 (the loop's handler runs behind ours)", "it never ran")) from None
+        finally:
+            loop.remove_signal_handler(signal.SIGUSR1)
+
+    loop = new_loop()
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert chained == [signal.SIGUSR1], broken("S1 (our handler runs first)", chained)
+
+
+def test_s2_a_signal_handler_can_hand_work_to_a_trio_loop() -> None:
+    async def main() -> None:
+        token = trio.lowlevel.current_trio_token()
+        delivered = trio.Event()
+        previous = signal.signal(signal.SIGUSR1, lambda signum, frame: token.run_sync_soon(delivered.set))
+        try:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            with trio.move_on_after(WATCHDOG):
+                await delivered.wait()
+        finally:
+            signal.signal(signal.SIGUSR1, previous)
+        assert delivered.is_set(), broken("S2 (run_sync_soon from a signal handler)", "the callback never ran")
+
+    trio.run(main)
+
+
+async def test_r1_starlette_s_stream_response_is_a_coroutine_the_race_can_step() -> None:
+    async def items() -> AsyncIterator[bytes]:
+        yield b"a"
+        await anyio.lowlevel.checkpoint()
+        yield b"b"
+
+    messages: list[Message] = []
+
+    async def send(message: Message) -> None:
+        messages.append(message)
+
+    response = starlette.responses.StreamingResponse(items())
+    coroutine = response.stream_response(send)
+    assert inspect.iscoroutine(coroutine), broken("R1 (stream_response is a coroutine)", type(coroutine))
+    seen: list[bool] = []
+    await _stepping(coroutine, seen)
+    bodies = [message.get("body") for message in messages if message["type"] == "http.response.body"]
+    assert messages[0]["type"] == "http.response.start" and bodies == [b"a", b"b", b""], broken(
+        "R1 (stream_response sends the start, each item, then an empty last message)", messages
+    )
