@@ -21,6 +21,7 @@ Servers
     at WARNING or above from the ``uvicorn``, ``hypercorn``, ``asyncio`` and ``trio`` loggers, live
     while it runs), ``.errors()`` (app errors plus log records at ERROR or above, so far) and
     ``.assert_no_errors()``. Check them after the block too: a server may log as it shuts down.
+    ``UVICORN_INCOMPLETE``: the error line uvicorn logs for an app that returned before the body ended.
 
 Event log
     ``Recorder``: thread-safe; apps call ``record(name, value=None)``. ``names()``, ``values(name)``,
@@ -41,6 +42,10 @@ HTTP/1.1 clients (raw sockets, ``Connection: close``, every socket operation bou
     ``stalled_client(port, path) -> Iterator[Response]``: a context manager; connects with a small
     receive buffer, reads the response head, then stops reading but keeps the socket open until exit.
     Yields the head (``body`` empty).
+    ``open_response(port, path, headers=None)``: a context manager; reads the response head and
+    yields it, the socket and the body bytes that came with the head; closes on exit.
+    ``leave_when(server, recorder, event, path="/")``: reads the head (a 200), closes once the app
+    recorded ``event``.
 
 HTTP/2 clients (the ``h2`` library, cleartext prior knowledge)
     ``h2_fetch(port, path, headers=None, method="GET") -> Response``.
@@ -105,6 +110,10 @@ READY_PATH: Final = "/__ready__"
 STALLED_RCVBUF: Final = 16 * 1024
 
 _WATCHED_LOGGERS: Final = ("uvicorn", "hypercorn", "asyncio", "trio")
+
+# What uvicorn logs for an app that returned before the body ended (a send timeout, a file that
+# shrank): a line about a truncated response, not an exception.
+UVICORN_INCOMPLETE: Final = "uvicorn.error ERROR: ASGI callable returned without completing response."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -685,6 +694,7 @@ def client_stall(server: RunningServer, path: str) -> Iterator[Response]:
 __all__ = [
     "HTTP2_KINDS",
     "SERVER_KINDS",
+    "UVICORN_INCOMPLETE",
     "Event",
     "Recorder",
     "Response",
@@ -854,7 +864,14 @@ def open_response(
         sock.close()
 
 
-__all__ += ["open_response"]
+def leave_when(server: RunningServer, recorder: Recorder, event: str, path: str = "/") -> None:
+    """Request ``path``, read the response head (a 200), and close once the app recorded ``event``."""
+    with open_response(server.port, path) as (head, _, _):
+        assert head.status == 200
+        recorder.wait_for(event, timeout=CLIENT_TIMEOUT)
+
+
+__all__ += ["leave_when", "open_response"]
 
 
 # Shared by the FileResponse test modules (the ``opened`` fixture lives in conftest.py).

@@ -34,13 +34,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import disconnect_responses._file
 from disconnect_responses import FileResponse, Outcome, StreamingResponse
 
+from .asgi import WATCHDOG, messages_of
 from .servers import RunningServer, fetch, http_scope, serve
 
 pytestmark = pytest.mark.anyio
 
 # 0 and 1 byte files are the edge cases of every range rule; 200,000 bytes spans several chunks.
 SIZES = (0, 1, 777, 200_000)
-WATCHDOG = 5.0
 ASGI_EXAMPLES = 400
 SERVER_EXAMPLES = 80
 STARLETTE_1_10 = tuple(int(part) for part in starlette.__version__.split(".")[:2]) >= (1, 10)
@@ -227,21 +227,8 @@ def check_multipart(body: bytes, boundary: bytes, data: bytes) -> int:
 
 
 async def call(app: ASGIApp, scope: Scope) -> tuple[int, dict[str, str], bytes]:
-    """Call ``app`` with a server that never disconnects; return status, headers and body."""
-    messages: list[Message] = []
-    done = anyio.Event()
-
-    async def receive() -> Message:
-        await done.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: Message) -> None:
-        messages.append(message)
-
-    with anyio.fail_after(WATCHDOG):
-        await app(scope, receive, send)
-    done.set()
-    start, *bodies = messages
+    """Call ``app`` with a server whose client stays; return status, headers and body."""
+    start, *bodies = await messages_of(app, scope)
     assert start["type"] == "http.response.start"
     assert [message["type"] for message in bodies] == ["http.response.body"] * len(bodies)
     assert bodies[-1].get("more_body", False) is False

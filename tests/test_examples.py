@@ -13,20 +13,21 @@ The measured numbers are printed (``pytest -s``) for the record.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import AsyncIterator
 
 import anyio
 import pytest
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from disconnect_responses import StreamingResponse
 from examples import file_download, http_relay, token_stream
 
+from .asgi import WAIT, noting_disconnect
 from .servers import Recorder, client_fetch, open_response, partial_read, serve
 
-WAIT = 10.0
 KINDS = ("uvicorn-httptools", "hypercorn-asyncio", "hypercorn-trio")
 
 
@@ -43,11 +44,7 @@ def instrumented_upstream(recorder: Recorder) -> ASGIApp:
     its client (the relay) went away."""
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        async def tapped_receive() -> Message:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                recorder.record("upstream saw the relay leave")
-            return message
+        tapped_receive = noting_disconnect(receive, functools.partial(recorder.record, "upstream saw the relay leave"))
 
         async def body() -> AsyncIterator[bytes]:
             try:

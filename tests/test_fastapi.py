@@ -8,6 +8,7 @@ the background task, which runs once (FastAPI's ``BackgroundTasks`` included), a
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 from collections.abc import AsyncIterator, Iterator
@@ -23,6 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from disconnect_responses import FileResponse, Outcome, StreamingResponse
 
+from .asgi import WAIT, assert_closed_then_background, finished, producer_of
 from .servers import Recorder, RunningServer, client_fetch, partial_read, serve
 
 pytestmark = pytest.mark.usefixtures("library_log")
@@ -33,7 +35,6 @@ COMPLETE_CHUNKS = 16
 READ_BEFORE_LEAVING = 1 << 20
 SENT_BOUND = 16 << 20
 FILE_SIZE = 64 << 20
-WAIT = 10.0
 
 # FastAPI streams a generator endpoint through ``response_class`` since 0.134.
 FASTAPI_VERSION = tuple(int(part) for part in fastapi.__version__.split(".")[:2])
@@ -52,25 +53,14 @@ def make_app(recorder: Recorder, file_path: Path | None = None) -> ASGIApp:
     def note_background() -> None:
         recorder.record("background ran")
 
-    async def async_content(length: str) -> AsyncIterator[bytes]:
-        try:
-            for chunk in chunks(length):
-                await anyio.lowlevel.checkpoint()
-                yield chunk
-        finally:
-            recorder.record("iterator closed")
-
-    def sync_content(length: str) -> Iterator[bytes]:
-        try:
-            yield from chunks(length)
-        finally:
-            recorder.record("iterator closed")
+    def content(producer: str, length: str) -> AsyncIterator[bytes] | Iterator[bytes]:
+        shape = "awaiting" if producer == "async" else "sync"
+        return producer_of(shape, chunks(length), functools.partial(recorder.record, "iterator closed"))
 
     @app.get("/returned/{producer}/{length}")
     async def returned(producer: str, length: str) -> StreamingResponse:
-        content = async_content(length) if producer == "async" else sync_content(length)
         response = StreamingResponse(
-            content, media_type="application/octet-stream", background=BackgroundTask(note_background)
+            content(producer, length), media_type="application/octet-stream", background=BackgroundTask(note_background)
         )
         recorder.record("response", response)
         return response
@@ -79,8 +69,7 @@ def make_app(recorder: Recorder, file_path: Path | None = None) -> ASGIApp:
     def returned_with_tasks(producer: str, length: str, background_tasks: BackgroundTasks) -> StreamingResponse:
         # FastAPI hands its BackgroundTasks to a returned response that has no background of its own.
         background_tasks.add_task(note_background)
-        content = async_content(length) if producer == "async" else sync_content(length)
-        response = StreamingResponse(content, media_type="application/octet-stream")
+        response = StreamingResponse(content(producer, length), media_type="application/octet-stream")
         recorder.record("response", response)
         return response
 
@@ -141,20 +130,6 @@ def done(recorder: Recorder) -> None:
     recorder.wait_for("background ran", timeout=WAIT)
 
 
-def assert_closed_then_background(recorder: Recorder) -> None:
-    """The iterator's ``finally`` ran once, before the background task, which ran exactly once."""
-    names = recorder.names()
-    assert names.count("iterator closed") == 1, names
-    assert names.count("background ran") == 1, names
-    assert names.index("iterator closed") < names.index("background ran"), names
-
-
-def recorded_response(recorder: Recorder) -> StreamingResponse | FileResponse:
-    [response] = recorder.values("response")
-    assert isinstance(response, (StreamingResponse, FileResponse))
-    return response
-
-
 def leave_after_a_part(server: RunningServer, recorder: Recorder, path: str) -> None:
     """Read 1 MiB of ``path``, leave, and wait (bounded) until the app and its background task are done."""
     with partial_read(server, path, READ_BEFORE_LEAVING) as received:
@@ -176,7 +151,7 @@ def test_returned_streaming_response_completes(kind: str, producer: str, route: 
     assert result.status == 200
     assert result.header("content-type") == "application/octet-stream"
     assert result.body == CHUNK * COMPLETE_CHUNKS
-    response = recorded_response(recorder)
+    response = finished(recorder)
     assert response.outcome is Outcome.COMPLETED
     assert_closed_then_background(recorder)
     server.assert_no_errors()
@@ -190,7 +165,7 @@ def test_returned_streaming_response_client_leaves(kind: str, producer: str, rou
     few MiB, closes the iterator, then runs the background task (its own or FastAPI's)."""
     with serve(make_app(recorder), kind) as server:
         leave_after_a_part(server, recorder, f"/{route}/{producer}/endless")
-    response = recorded_response(recorder)
+    response = finished(recorder)
     assert response.outcome is Outcome.DISCONNECTED
     assert 0 < response.bytes_sent < SENT_BOUND
     assert_closed_then_background(recorder)
@@ -257,7 +232,7 @@ def test_file_response_completes(kind: str, route: str, recorder: Recorder, big_
     assert result.header("content-type") == "application/octet-stream"
     assert recorder.count("background ran") == 1
     if route == "returned":
-        assert recorded_response(recorder).outcome is Outcome.COMPLETED
+        assert finished(recorder).outcome is Outcome.COMPLETED
     server.assert_no_errors()
 
 
@@ -270,7 +245,7 @@ def test_file_response_client_leaves(kind: str, route: str, recorder: Recorder, 
         leave_after_a_part(server, recorder, f"/file/{route}")
     assert recorder.count("background ran") == 1
     if route == "returned":
-        response = recorded_response(recorder)
+        response = finished(recorder)
         assert response.outcome is Outcome.DISCONNECTED
         if not server.http2:
             assert 0 < response.bytes_sent < SENT_BOUND

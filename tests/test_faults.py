@@ -12,15 +12,15 @@ SIGTERM).
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
+import itertools
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import anyio
-import anyio.lowlevel
 import h2.exceptions
 import pytest
 from starlette.background import BackgroundTask
@@ -30,14 +30,24 @@ import disconnect_responses._file
 from disconnect_responses import FileResponse, Outcome, StreamingResponse
 from disconnect_responses._race import BackgroundPolicy
 
-from .servers import SERVER_KINDS, Download, Recorder, RunningServer, client_fetch, download, read_then_close, serve
+from .asgi import WAIT, Body, assert_closed_then_background, finished, producer_of, run_recorded
+from .servers import (
+    SERVER_KINDS,
+    UVICORN_INCOMPLETE,
+    Download,
+    Recorder,
+    RunningServer,
+    client_fetch,
+    download,
+    read_then_close,
+    serve,
+)
 
 HTTP1_KINDS = tuple(kind for kind in SERVER_KINDS if kind != "hypercorn-h2")
 CHUNK_SIZE = 64 * 1024
 FAIL_AFTER = 4 * 1024 * 1024
 FILE_SIZE = 8 * 1024 * 1024 + 321
 SHRUNK_SIZE = 1024 * 1024
-WAIT = 10.0
 POLICIES: tuple[BackgroundPolicy, ...] = ("always", "completed")
 PRODUCERS = ("awaiting", "never-awaiting", "sync")
 HEALTHY = [bytes([index]) * (CHUNK_SIZE + index) for index in range(16)]
@@ -97,37 +107,14 @@ def sha256(data: bytes) -> str:
 # A producer that raises mid-stream
 
 
-def failing_producer(kind: str, recorder: Recorder) -> AsyncIterator[bytes] | Iterator[bytes]:
-    chunk = b"p" * CHUNK_SIZE
-
-    async def awaiting() -> AsyncIterator[bytes]:
-        try:
-            for _ in range(FAIL_AFTER // CHUNK_SIZE):
-                await anyio.lowlevel.checkpoint()
-                yield chunk
-            raise ProducerBroke("upstream broke")
-        finally:
-            recorder.record("iterator closed")
-
-    async def never_awaiting() -> AsyncIterator[bytes]:
-        try:
-            for _ in range(FAIL_AFTER // CHUNK_SIZE):
-                yield chunk
-            raise ProducerBroke("upstream broke")
-        finally:
-            recorder.record("iterator closed")
-
-    def sync() -> Iterator[bytes]:
-        try:
-            for _ in range(FAIL_AFTER // CHUNK_SIZE):
-                yield chunk
-            raise ProducerBroke("upstream broke")
-        finally:
-            recorder.record("iterator closed")
-
-    if kind == "awaiting":
-        return awaiting()
-    return never_awaiting() if kind == "never-awaiting" else sync()
+def failing_producer(kind: str, recorder: Recorder) -> Body:
+    """A producer of shape ``kind`` that raises ``ProducerBroke`` after ``FAIL_AFTER`` bytes."""
+    return producer_of(
+        kind,
+        itertools.repeat(b"p" * CHUNK_SIZE, FAIL_AFTER // CHUNK_SIZE),
+        functools.partial(recorder.record, "iterator closed"),
+        error=ProducerBroke("upstream broke"),
+    )
 
 
 def recording_app(recorder: Recorder, make: Callable[[Scope], StreamingResponse | FileResponse]) -> ASGIApp:
@@ -137,32 +124,9 @@ def recording_app(recorder: Recorder, make: Callable[[Scope], StreamingResponse 
         if scope["path"] == "/healthy":
             await healthy_stream()(scope, receive, send)
             return
-        response = make(scope)
-        try:
-            await response(scope, receive, send)
-        except Exception as exc:
-            recorder.record("app raised", exc)
-            raise
-        finally:
-            recorder.record("response", response)
+        await run_recorded(make(scope), recorder, scope, receive, send)
 
     return app
-
-
-def finished(recorder: Recorder) -> StreamingResponse | FileResponse:
-    recorder.wait_for("response", timeout=WAIT)
-    [response] = recorder.values("response")
-    assert isinstance(response, StreamingResponse | FileResponse)
-    return response
-
-
-def assert_closed_then_background(recorder: Recorder, policy: BackgroundPolicy, closed: str) -> None:
-    assert recorder.count(closed) == 1, recorder.names()
-    if policy == "always":
-        assert recorder.count("background ran") == 1, recorder.names()
-        assert recorder.index(closed) < recorder.index("background ran")
-    else:
-        assert recorder.count("background ran") == 0, recorder.names()
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -197,7 +161,7 @@ def test_producer_raising_mid_stream(kind: str, producer: str, policy: Backgroun
     assert type(error) is ProducerBroke
     assert server.app_errors == [error]
     assert logged_exception(server, error), tracebacks(server)
-    assert_closed_then_background(recorder, policy, "iterator closed")
+    assert_closed_then_background(recorder, background=policy == "always")
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -286,17 +250,10 @@ def test_background_task_raising(kind: str, response_kind: str, leave: bool, fil
     assert open_descriptors(file) == 0
 
 
-async def recorded_stream(recorder: Recorder, long: bool) -> AsyncIterator[bytes]:
+def recorded_stream(recorder: Recorder, long: bool) -> Body:
     """The ``HEALTHY`` chunks; ``long`` adds 256 MiB, so that a client leaving after 256 KiB leaves mid-body."""
-    try:
-        for chunk in HEALTHY:
-            await anyio.lowlevel.checkpoint()
-            yield chunk
-        for _ in range(4096 if long else 0):
-            await anyio.lowlevel.checkpoint()
-            yield b"x" * CHUNK_SIZE
-    finally:
-        recorder.record("iterator closed")
+    chunks = itertools.chain(HEALTHY, itertools.repeat(b"x" * CHUNK_SIZE, 4096 if long else 0))
+    return producer_of("awaiting", chunks, functools.partial(recorder.record, "iterator closed"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,11 +302,9 @@ def changing_file_app(path: Path, recorder: Recorder, change: Callable[[], None]
         def background() -> None:
             recorder.record("background ran", open_descriptors(path) == 0)
 
-        response = FileResponse(path, background=BackgroundTask(background))
-        try:
-            await response(scope, receive, changing_send)
-        finally:
-            recorder.record("response", response)
+        await run_recorded(
+            FileResponse(path, background=BackgroundTask(background)), recorder, scope, receive, changing_send
+        )
 
     return app
 
@@ -418,5 +373,4 @@ def test_file_truncated_mid_transfer_ends_cleanly(
     shortfalls = [record for record in caplog.records if "shrank while it was sent" in record.getMessage()]
     assert len(shortfalls) == 3 and all(record.levelno == logging.WARNING for record in shortfalls)
     assert tracebacks(server) == []
-    unfinished = "uvicorn.error ERROR: ASGI callable returned without completing response."
-    assert server.errors() == ([unfinished] * 3 if kind.startswith("uvicorn") else [])
+    assert server.errors() == ([UVICORN_INCOMPLETE] * 3 if kind.startswith("uvicorn") else [])

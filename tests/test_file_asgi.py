@@ -6,7 +6,7 @@ import errno
 import logging
 import os
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -18,6 +18,7 @@ from starlette.types import Message, Scope
 import disconnect_responses._file
 from disconnect_responses import FileResponse, Outcome, stopping
 
+from .asgi import WATCHDOG, FakeServer, call, call_then_cancel
 from .servers import OpenedFiles, http_scope
 
 pytestmark = pytest.mark.anyio
@@ -36,32 +37,6 @@ def append(path: Path, extra: bytes) -> None:
         handle.write(extra)
 
 
-class FakeServer:
-    """``receive``/``send`` for one response; ``on_body`` runs after each body message is taken."""
-
-    def __init__(self, on_body: Callable[[FakeServer, Message], Awaitable[None]] | None = None) -> None:
-        self.messages: list[Message] = []
-        self.disconnected = anyio.Event()
-        self.on_body = on_body
-
-    @property
-    def body(self) -> bytes:
-        return b"".join(message.get("body", b"") for message in self.messages[1:])
-
-    @property
-    def body_messages(self) -> list[Message]:
-        return [message for message in self.messages if message["type"] == "http.response.body"]
-
-    async def receive(self) -> Message:
-        await self.disconnected.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(self, message: Message) -> None:
-        self.messages.append(message)
-        if message["type"] == "http.response.body" and self.on_body is not None:
-            await self.on_body(self, message)
-
-
 class Background:
     """A background task that records whether the file was closed when it started."""
 
@@ -74,12 +49,6 @@ class Background:
 
     def task(self) -> BackgroundTask:
         return BackgroundTask(self)
-
-
-async def call(response: FileResponse, scope: Scope, server: FakeServer) -> None:
-    with anyio.fail_after(5):
-        await response(scope, server.receive, server.send)
-    server.disconnected.set()
 
 
 @pytest.fixture
@@ -118,7 +87,7 @@ async def test_divergence_11_bytes_identical_at_every_pace(
     background = Background(opened)
     response = FileResponse(file, background=background.task())
     server = FakeServer()
-    await call(response, http_scope(headers), server)
+    await call(response, server, http_scope(headers))
     if not headers:
         assert server.body == data
     elif headers[0][1] == "bytes=1000-":
@@ -148,7 +117,7 @@ async def test_divergence_11_empty_file(tmp_path: Path) -> None:
     path.write_bytes(b"")
     server = FakeServer()
     response = FileResponse(path)
-    await call(response, http_scope(), server)
+    await call(response, server)
     assert server.messages[1:] == [{"type": "http.response.body", "body": b"", "more_body": False}]
     assert response.outcome is Outcome.COMPLETED
 
@@ -167,16 +136,16 @@ async def test_divergence_3_disconnect_stops_within_one_chunk(
     sent_after: list[Message] = []
 
     async def disconnect_at_half(server: FakeServer, message: Message) -> None:
-        if server.disconnected.is_set():
+        if server.gone.is_set():
             sent_after.append(message)
         elif len(server.body) > SIZE // 2:
-            server.disconnected.set()
+            server.leave()
         await anyio.lowlevel.checkpoint()
 
     background = Background(opened)
     response = FileResponse(file, background=background.task())
-    server = FakeServer(disconnect_at_half)
-    await call(response, http_scope(headers), server)
+    server = FakeServer(on_body=disconnect_at_half)
+    await call(response, server, http_scope(headers))
     assert response.outcome is Outcome.DISCONNECTED
     assert len(sent_after) <= 1
     # A send cancelled inside the server is not counted.
@@ -192,14 +161,14 @@ async def test_divergence_2_oserror_on_send_with_spec_2_4(
 
     async def gone_after_first_chunk(server: FakeServer, message: Message) -> None:
         if len(server.body_messages) >= 2:
-            server.disconnected.set()
+            server.leave()
             raise OSError(errno.EPIPE, "client gone")
 
     background = Background(opened)
     response = FileResponse(file, background=background.task())
-    server = FakeServer(gone_after_first_chunk)
+    server = FakeServer(on_body=gone_after_first_chunk)
     with caplog.at_level(logging.INFO, LOGGER):
-        await call(response, http_scope(headers, spec_version="2.4"), server)
+        await call(response, server, http_scope(headers, spec_version="2.4"))
     assert response.outcome is Outcome.DISCONNECTED
     assert background.runs == [True]
     assert [record.levelname for record in caplog.records if record.name == LOGGER] == ["INFO"]
@@ -211,7 +180,7 @@ async def test_divergence_6_background_policy_completed_skips_after_disconnect(f
 
     background = Background(opened)
     response = FileResponse(file, background=background.task(), background_policy="completed")
-    await call(response, http_scope(spec_version="2.4"), FakeServer(gone))
+    await call(response, FakeServer(on_body=gone), http_scope(spec_version="2.4"))
     assert response.outcome is Outcome.DISCONNECTED
     assert background.runs == []
     assert opened.closed()
@@ -230,7 +199,7 @@ async def test_divergence_11_disconnect_during_a_read_waits_for_it(
     def held_read_at(fd: int, size: int, offset: int) -> bytes:
         if offset >= 1024 * 1024 and not release.is_set():
             anyio.from_thread.run_sync(reading.set)
-            release.wait(5)
+            release.wait(WATCHDOG)
             fd_valid_after_release.append(not opened.closed())
         return real_read_at(fd, size, offset)
 
@@ -243,15 +212,15 @@ async def test_divergence_11_disconnect_during_a_read_waits_for_it(
 
     background = Background(opened)
     response = FileResponse(file, background=background.task())
-    server = FakeServer(capture_stopping)
+    server = FakeServer(on_body=capture_stopping)
 
     async def disconnect_while_reading() -> None:
         await reading.wait()
-        server.disconnected.set()
+        server.leave()
         await stopping_events[0].wait()
         release.set()
 
-    with anyio.fail_after(5):
+    with anyio.fail_after(WATCHDOG):
         async with anyio.create_task_group() as task_group:
             task_group.start_soon(disconnect_while_reading)
             await response(http_scope(), server.receive, server.send)
@@ -273,7 +242,7 @@ async def test_divergence_7_send_timeout_lets_a_stalled_client_go(
 
     background = Background(opened)
     response = FileResponse(file, background=background.task(), send_timeout=0.05)
-    await call(response, http_scope(headers), FakeServer(stall_after_first_chunk))
+    await call(response, FakeServer(on_body=stall_after_first_chunk), http_scope(headers))
     assert response.outcome is Outcome.SEND_TIMEOUT
     assert background.runs == [True]
 
@@ -289,12 +258,7 @@ async def test_divergence_6_external_cancellation_closes_the_file_and_runs_the_b
 
     background = Background(opened)
     response = FileResponse(file, background=background.task())
-    server = FakeServer(block)
-    with anyio.fail_after(5):
-        async with anyio.create_task_group() as task_group:
-            task_group.start_soon(response, http_scope(), server.receive, server.send)
-            await sending.wait()
-            task_group.cancel_scope.cancel()
+    await call_then_cancel(response, FakeServer(on_body=block), when=sending.wait)
     assert response.outcome is Outcome.CANCELLED
     assert background.runs == [True]
 
@@ -311,9 +275,9 @@ async def test_divergence_8_headers_come_from_the_open_file(file: Path, data: by
             replacement.write_bytes(b"short")
             os.replace(replacement, file)
 
-    server = FakeServer(replace_after_start)
+    server = FakeServer(on_body=replace_after_start)
     response = FileResponse(file)
-    await call(response, http_scope(), server)
+    await call(response, server)
     assert dict(server.messages[0]["headers"])[b"content-length"] == str(SIZE).encode()
     assert server.body == data
     assert len(opened.fds) == 1
@@ -324,9 +288,9 @@ async def test_divergence_8_a_growing_file_is_served_at_its_opened_length(file: 
         if len(server.body_messages) == 1:
             append(file, b"more" * 100_000)
 
-    server = FakeServer(grow)
+    server = FakeServer(on_body=grow)
     response = FileResponse(file)
-    await call(response, http_scope(), server)
+    await call(response, server)
     assert server.body == data
     assert server.messages[-1]["more_body"] is False
     assert response.outcome is Outcome.COMPLETED
@@ -336,7 +300,7 @@ async def test_divergence_8_stat_result_given_sets_the_length(file: Path, data: 
     """A stat_result given by the caller wins, as in Starlette: it sets the headers and the length sent."""
     small = os.stat_result((0o100644, 0, 0, 1, 0, 0, 1000, 0, 0, 0))
     server = FakeServer()
-    await call(FileResponse(file, stat_result=small), http_scope(), server)
+    await call(FileResponse(file, stat_result=small), server)
     assert dict(server.messages[0]["headers"])[b"content-length"] == b"1000"
     assert server.body == data[:1000]
 
@@ -344,7 +308,10 @@ async def test_divergence_8_stat_result_given_sets_the_length(file: Path, data: 
 # Paths that cannot be served (divergence 9)
 
 
-def assert_plain(server: FakeServer, status: int, text: bytes) -> None:
+async def assert_answers_plain(response: FileResponse, status: int, text: bytes, scope: Scope | None = None) -> None:
+    """Called once, ``response`` answers ``status`` with ``text`` as plain text, and sends nothing else."""
+    server = FakeServer()
+    await call(response, server, scope)
     assert server.messages == [
         {
             "type": "http.response.start",
@@ -359,6 +326,13 @@ def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [record.getMessage() for record in caplog.records if record.name == LOGGER and record.levelname == "WARNING"]
 
 
+def assert_warned(caplog: pytest.LogCaptureFixture, *fragments: str) -> None:
+    """The library logged one warning, and it says each of ``fragments``."""
+    (warning,) = warnings_of(caplog)
+    for fragment in fragments:
+        assert fragment in warning
+
+
 @pytest.mark.parametrize("method", ["GET", "HEAD"])
 async def test_divergence_9_missing_file_is_404(
     tmp_path: Path, opened: OpenedFiles, caplog: pytest.LogCaptureFixture, method: str
@@ -366,14 +340,10 @@ async def test_divergence_9_missing_file_is_404(
     path = tmp_path / "missing.bin"
     background = Background(opened)
     response = FileResponse(path, background=background.task())
-    server = FakeServer()
-    await call(response, http_scope(method=method), server)
-    assert_plain(server, 404, b"Not Found")
+    await assert_answers_plain(response, 404, b"Not Found", http_scope(method=method))
     assert response.outcome is Outcome.COMPLETED
     assert background.runs == [True]
-    (warning,) = warnings_of(caplog)
-    assert str(path) in warning
-    assert "404" in warning
+    assert_warned(caplog, str(path), "404")
 
 
 async def test_divergence_9_missing_file_with_stat_result_is_404(
@@ -382,33 +352,23 @@ async def test_divergence_9_missing_file_with_stat_result_is_404(
     """Starlette would send the headers from the given stat_result, then fail; nothing is sent here first."""
     path = tmp_path / "missing.bin"
     given = os.stat_result((0o100644, 0, 0, 1, 0, 0, 1000, 0, 0, 0))
-    server = FakeServer()
-    await call(FileResponse(path, stat_result=given), http_scope(), server)
-    assert_plain(server, 404, b"Not Found")
+    await assert_answers_plain(FileResponse(path, stat_result=given), 404, b"Not Found")
     assert len(warnings_of(caplog)) == 1
 
 
 async def test_divergence_9_directory_is_404(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    server = FakeServer()
-    await call(FileResponse(tmp_path), http_scope(), server)
-    assert_plain(server, 404, b"Not Found")
-    (warning,) = warnings_of(caplog)
-    assert str(tmp_path) in warning
-    assert "not a regular file" in warning
+    await assert_answers_plain(FileResponse(tmp_path), 404, b"Not Found")
+    assert_warned(caplog, str(tmp_path), "not a regular file")
 
 
 async def test_divergence_9_fifo_is_404_without_blocking(tmp_path: Path) -> None:
     path = tmp_path / "fifo"
     os.mkfifo(path)
-    server = FakeServer()
-    await call(FileResponse(path), http_scope(), server)
-    assert_plain(server, 404, b"Not Found")
+    await assert_answers_plain(FileResponse(path), 404, b"Not Found")
 
 
 async def test_divergence_9_path_below_a_file_is_404(file: Path) -> None:
-    server = FakeServer()
-    await call(FileResponse(file / "below"), http_scope(), server)
-    assert_plain(server, 404, b"Not Found")
+    await assert_answers_plain(FileResponse(file / "below"), 404, b"Not Found")
 
 
 async def test_divergence_9_permission_denied_is_403(
@@ -419,12 +379,8 @@ async def test_divergence_9_permission_denied_is_403(
         raise PermissionError(errno.EACCES, "Permission denied", path)
 
     monkeypatch.setattr(os, "open", denied)
-    server = FakeServer()
-    await call(FileResponse(file), http_scope(), server)
-    assert_plain(server, 403, b"Forbidden")
-    (warning,) = warnings_of(caplog)
-    assert str(file) in warning
-    assert "Permission denied" in warning
+    await assert_answers_plain(FileResponse(file), 403, b"Forbidden")
+    assert_warned(caplog, str(file), "Permission denied")
 
 
 async def test_divergence_9_other_errors_propagate(file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -437,7 +393,7 @@ async def test_divergence_9_other_errors_propagate(file: Path, monkeypatch: pyte
     server = FakeServer()
     response = FileResponse(file)
     with pytest.raises(OSError, match="Too many open files"):
-        await call(response, http_scope(), server)
+        await call(response, server)
     assert server.messages == []
     assert response.outcome is Outcome.ERROR
 
@@ -463,9 +419,9 @@ async def test_divergence_10_shrinking_file_is_cut_short(
 
     background = Background(opened)
     response = FileResponse(file, background=background.task())
-    server = FakeServer(shrink_after_first_chunk)
+    server = FakeServer(on_body=shrink_after_first_chunk)
     with caplog.at_level(logging.INFO, LOGGER):
-        await call(response, http_scope(headers, http_version=http_version), server)
+        await call(response, server, http_scope(headers, http_version=http_version))
     assert response.outcome is Outcome.TRUNCATED
     assert background.runs == [True]
     assert server.body.endswith(data[1000 if headers else 0 : 200_000])
@@ -474,9 +430,7 @@ async def test_divergence_10_shrinking_file_is_cut_short(
     else:
         assert server.body_messages[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
         assert all(message["more_body"] for message in server.body_messages[:-1])
-    (warning,) = warnings_of(caplog)
-    assert str(file) in warning
-    assert "the file ended at 200000" in warning
+    assert_warned(caplog, str(file), "the file ended at 200000")
 
 
 async def test_divergence_10_policy_completed_skips_the_background_when_cut_short(file: Path) -> None:
@@ -485,7 +439,7 @@ async def test_divergence_10_policy_completed_skips_the_background_when_cut_shor
 
     runs: list[str] = []
     response = FileResponse(file, background=BackgroundTask(runs.append, "ran"), background_policy="completed")
-    await call(response, http_scope(), FakeServer(shrink))
+    await call(response, FakeServer(on_body=shrink))
     assert response.outcome is Outcome.TRUNCATED
     assert runs == []
 
@@ -498,7 +452,7 @@ async def test_divergence_13_background_runs_after_400_and_416(file: Path, opene
     background = Background(opened)
     response = FileResponse(file, background=background.task())
     server = FakeServer()
-    await call(response, http_scope([("range", value)]), server)
+    await call(response, server, http_scope([("range", value)]))
     assert server.messages[0]["status"] in (400, 416)
     assert response.outcome is Outcome.COMPLETED
     assert background.runs == [True]
@@ -508,7 +462,7 @@ async def test_head_and_pathsend_close_the_file_before_the_background(file: Path
     for scope in (http_scope(method="HEAD"), http_scope(extensions={"http.response.pathsend": {}})):
         background = Background(opened)
         response = FileResponse(file, background=background.task())
-        await call(response, scope, FakeServer())
+        await call(response, FakeServer(), scope)
         assert response.outcome is Outcome.COMPLETED
         assert background.runs == [True]
 
@@ -525,5 +479,5 @@ async def test_divergence_11_slow_client_never_gets_large_chunks(file: Path, mon
     monkeypatch.setattr(disconnect_responses._file, "_RATE_WINDOW", 64 * 1024)
     monkeypatch.setattr(disconnect_responses._file, "_FAST_RATE", 1 << 60)
     server = FakeServer()
-    await call(FileResponse(file), http_scope(), server)
+    await call(FileResponse(file), server)
     assert max(iter_chunks(server.messages)) == FileResponse.chunk_size

@@ -12,8 +12,8 @@ import os
 import re
 from email.utils import formatdate
 from pathlib import Path
+from typing import Any
 
-import anyio
 import pytest
 import starlette
 import starlette.responses
@@ -21,6 +21,7 @@ from starlette.types import Message, Scope
 
 from disconnect_responses import FileResponse, Outcome
 
+from .asgi import messages_of
 from .servers import http_scope
 
 pytestmark = pytest.mark.anyio
@@ -38,21 +39,11 @@ def data() -> bytes:
     return os.urandom(SIZE)
 
 
-async def run(response: starlette.responses.Response, scope: Scope) -> list[Message]:
-    messages: list[Message] = []
-    finished = anyio.Event()
-
-    async def receive() -> Message:
-        await finished.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: Message) -> None:
-        messages.append(message)
-
-    with anyio.fail_after(5):
-        await response(scope, receive, send)
-    finished.set()
-    return messages
+async def ours_and_theirs(file: Path, scope: Scope, **kwargs: Any) -> tuple[list[Message], list[Message]]:
+    """The messages our ``FileResponse`` and Starlette's, made with the same arguments, send for ``scope``."""
+    ours = await messages_of(FileResponse(file, **kwargs), scope)
+    theirs = await messages_of(starlette.responses.FileResponse(file, **kwargs), scope)
+    return ours, theirs
 
 
 def normalise(messages: list[Message]) -> tuple[str, int, list[tuple[bytes, bytes]], bytes, list[str]]:
@@ -98,9 +89,7 @@ RANGE_CASES = [
 @pytest.mark.parametrize("method", ["GET", "HEAD"])
 @pytest.mark.parametrize("headers", RANGE_CASES)
 async def test_same_messages_as_starlette(file: Path, headers: list[tuple[str, str]], method: str) -> None:
-    scope = http_scope(headers, method)
-    ours = await run(FileResponse(file), scope)
-    theirs = await run(starlette.responses.FileResponse(file), scope)
+    ours, theirs = await ours_and_theirs(file, http_scope(headers, method))
     assert normalise(ours) == normalise(theirs)
 
 
@@ -111,9 +100,7 @@ async def test_same_messages_as_starlette(file: Path, headers: list[tuple[str, s
 )
 async def test_if_range_as_starlette(file: Path, if_range: str) -> None:
     value = {"etag": etag_of(file), "date": formatdate(os.stat(file).st_mtime, usegmt=True)}.get(if_range, if_range)
-    scope = http_scope([("range", "bytes=0-9"), ("if-range", value)])
-    ours = await run(FileResponse(file), scope)
-    theirs = await run(starlette.responses.FileResponse(file), scope)
+    ours, theirs = await ours_and_theirs(file, http_scope([("range", "bytes=0-9"), ("if-range", value)]))
     assert normalise(ours) == normalise(theirs)
 
 
@@ -131,9 +118,7 @@ async def test_if_range_as_starlette(file: Path, if_range: str) -> None:
 )
 async def test_constructor_arguments_as_starlette(file: Path, kwargs: dict[str, object]) -> None:
     for headers in ([], [("range", "bytes=0-9")], [("range", "bytes=0-9,20-29")]):
-        scope = http_scope(headers)
-        ours = await run(FileResponse(file, **kwargs), scope)  # type: ignore[arg-type]
-        theirs = await run(starlette.responses.FileResponse(file, **kwargs), scope)  # type: ignore[arg-type]
+        ours, theirs = await ours_and_theirs(file, http_scope(headers), **kwargs)
         assert normalise(ours) == normalise(theirs)
 
 
@@ -141,18 +126,14 @@ async def test_constructor_arguments_as_starlette(file: Path, kwargs: dict[str, 
 async def test_stat_result_given_as_starlette(file: Path, data: bytes) -> None:
     result = os.stat(file)
     for headers in ([], [("range", "bytes=10-19")]):
-        scope = http_scope(headers)
-        ours = await run(FileResponse(file, stat_result=result), scope)
-        theirs = await run(starlette.responses.FileResponse(file, stat_result=result), scope)
+        ours, theirs = await ours_and_theirs(file, http_scope(headers), stat_result=result)
         assert normalise(ours) == normalise(theirs)
 
 
 @needs_starlette_1_10
 @pytest.mark.parametrize("headers", [[], [("range", "bytes=0-9")], [("range", "bytes=0-9,20-29")]])
 async def test_pathsend_as_starlette(file: Path, headers: list[tuple[str, str]]) -> None:
-    scope = http_scope(headers, extensions={"http.response.pathsend": {}})
-    ours = await run(FileResponse(file), scope)
-    theirs = await run(starlette.responses.FileResponse(file), scope)
+    ours, theirs = await ours_and_theirs(file, http_scope(headers, extensions={"http.response.pathsend": {}}))
     assert [message["type"] for message in ours][-1] == [message["type"] for message in theirs][-1]
     assert normalise(ours) == normalise(theirs)
 
@@ -162,8 +143,7 @@ async def test_pathsend_as_starlette(file: Path, headers: list[tuple[str, str]])
 async def test_websocket_denial_as_starlette(file: Path, headers: list[tuple[str, str]]) -> None:
     scope: Scope = {**http_scope(headers), "type": "websocket"}
     del scope["method"]
-    ours = await run(FileResponse(file), scope)
-    theirs = await run(starlette.responses.FileResponse(file), scope)
+    ours, theirs = await ours_and_theirs(file, scope)
     assert normalise(ours) == normalise(theirs)
 
 
@@ -172,7 +152,7 @@ async def test_websocket_denial_as_starlette(file: Path, headers: list[tuple[str
 
 async def test_plain_get(file: Path, data: bytes) -> None:
     response = FileResponse(file)
-    messages = await run(response, http_scope())
+    messages = await messages_of(response, http_scope())
     assert messages[0]["status"] == 200
     assert header(messages, "content-length") == str(SIZE)
     assert header(messages, "content-type") == "application/octet-stream"
@@ -187,7 +167,7 @@ async def test_plain_get(file: Path, data: bytes) -> None:
 
 async def test_head_sends_headers_only(file: Path, data: bytes) -> None:
     response = FileResponse(file)
-    messages = await run(response, http_scope(method="HEAD"))
+    messages = await messages_of(response, http_scope(method="HEAD"))
     assert header(messages, "content-length") == str(SIZE)
     assert messages[1:] == [{"type": "http.response.body", "body": b"", "more_body": False}]
     assert response.outcome is Outcome.COMPLETED
@@ -195,7 +175,7 @@ async def test_head_sends_headers_only(file: Path, data: bytes) -> None:
 
 
 async def test_single_range(file: Path, data: bytes) -> None:
-    messages = await run(FileResponse(file), http_scope([("range", "bytes=-100")]))
+    messages = await messages_of(FileResponse(file), http_scope([("range", "bytes=-100")]))
     assert messages[0]["status"] == 206
     assert header(messages, "content-range") == f"bytes {SIZE - 100}-{SIZE - 1}/{SIZE}"
     assert header(messages, "content-length") == "100"
@@ -203,7 +183,7 @@ async def test_single_range(file: Path, data: bytes) -> None:
 
 
 async def test_multiple_ranges_use_crlf_framing(file: Path, data: bytes) -> None:
-    messages = await run(FileResponse(file), http_scope([("range", "bytes=20-29,0-9,5-14")]))
+    messages = await messages_of(FileResponse(file), http_scope([("range", "bytes=20-29,0-9,5-14")]))
     content_type = header(messages, "content-type")
     assert content_type is not None
     boundary = content_type.removeprefix("multipart/byteranges; boundary=")
@@ -222,7 +202,7 @@ async def test_multiple_ranges_use_crlf_framing(file: Path, data: bytes) -> None
 
 
 async def test_416_names_the_size(file: Path, data: bytes) -> None:
-    messages = await run(FileResponse(file), http_scope([("range", "bytes=300000-")]))
+    messages = await messages_of(FileResponse(file), http_scope([("range", "bytes=300000-")]))
     assert messages[0]["status"] == 416
     assert header(messages, "content-range") == f"bytes */{SIZE}"
     assert messages[1] == {"type": "http.response.body", "body": b""}
@@ -238,7 +218,7 @@ async def test_416_names_the_size(file: Path, data: bytes) -> None:
     ],
 )
 async def test_400_for_a_malformed_range(file: Path, value: str, text: bytes) -> None:
-    messages = await run(FileResponse(file), http_scope([("range", value)]))
+    messages = await messages_of(FileResponse(file), http_scope([("range", value)]))
     assert messages[0]["status"] == 400
     assert header(messages, "content-type") == "text/plain; charset=utf-8"
     assert messages[1] == {"type": "http.response.body", "body": text}
@@ -246,32 +226,34 @@ async def test_400_for_a_malformed_range(file: Path, value: str, text: bytes) ->
 
 async def test_too_many_ranges_send_the_whole_file(file: Path, data: bytes) -> None:
     ranges = ",".join(f"{n}-{n}" for n in range(0, 202, 2))
-    messages = await run(FileResponse(file), http_scope([("range", f"bytes={ranges}")]))
+    messages = await messages_of(FileResponse(file), http_scope([("range", f"bytes={ranges}")]))
     assert messages[0]["status"] == 200
     assert b"".join(message["body"] for message in messages[1:]) == data
 
 
 async def test_if_range_mismatch_sends_the_whole_file(file: Path, data: bytes) -> None:
-    messages = await run(FileResponse(file), http_scope([("range", "bytes=0-9"), ("if-range", '"other"')]))
+    messages = await messages_of(FileResponse(file), http_scope([("range", "bytes=0-9"), ("if-range", '"other"')]))
     assert messages[0]["status"] == 200
-    matched = await run(FileResponse(file), http_scope([("range", "bytes=0-9"), ("if-range", etag_of(file))]))
+    matched = await messages_of(FileResponse(file), http_scope([("range", "bytes=0-9"), ("if-range", etag_of(file))]))
     assert matched[0]["status"] == 206
 
 
 async def test_content_disposition(file: Path, data: bytes) -> None:
-    plain = await run(FileResponse(file, filename="a b.txt"), http_scope())
+    plain = await messages_of(FileResponse(file, filename="a b.txt"), http_scope())
     assert header(plain, "content-disposition") == "attachment; filename*=utf-8''a%20b.txt"
     assert header(plain, "content-type") == "text/plain; charset=utf-8"
-    ascii_name = await run(FileResponse(file, filename="ab.txt", content_disposition_type="inline"), http_scope())
+    ascii_name = await messages_of(
+        FileResponse(file, filename="ab.txt", content_disposition_type="inline"), http_scope()
+    )
     assert header(ascii_name, "content-disposition") == 'inline; filename="ab.txt"'
-    accented = await run(FileResponse(file, filename="été.bin"), http_scope())
+    accented = await messages_of(FileResponse(file, filename="été.bin"), http_scope())
     assert header(accented, "content-disposition") == "attachment; filename*=utf-8''%C3%A9t%C3%A9.bin"
 
 
 async def test_divergence_12_unknown_type_is_octet_stream_on_every_starlette(tmp_path: Path) -> None:
     path = tmp_path / "noextension"
     path.write_bytes(b"x")
-    messages = await run(FileResponse(path), http_scope())
+    messages = await messages_of(FileResponse(path), http_scope())
     assert header(messages, "content-type") == "application/octet-stream"
 
 
@@ -279,28 +261,28 @@ async def test_stat_result_given_sets_the_headers(file: Path, data: bytes) -> No
     result = os.stat(file)
     response = FileResponse(file, stat_result=result)
     assert response.headers["content-length"] == str(SIZE)
-    messages = await run(response, http_scope())
+    messages = await messages_of(response, http_scope())
     assert b"".join(message["body"] for message in messages[1:]) == data
 
 
 async def test_pathsend_when_offered(file: Path, data: bytes) -> None:
     response = FileResponse(file)
-    messages = await run(response, http_scope(extensions={"http.response.pathsend": {}}))
+    messages = await messages_of(response, http_scope(extensions={"http.response.pathsend": {}}))
     assert messages[1:] == [{"type": "http.response.pathsend", "path": str(file)}]
     assert response.bytes_sent == SIZE
     assert response.outcome is Outcome.COMPLETED
-    ranged = await run(
+    ranged = await messages_of(
         FileResponse(file), http_scope([("range", "bytes=0-9")], extensions={"http.response.pathsend": {}})
     )
     assert [message["type"] for message in ranged] == ["http.response.start", "http.response.body"]
-    head = await run(FileResponse(file), http_scope(method="HEAD", extensions={"http.response.pathsend": {}}))
+    head = await messages_of(FileResponse(file), http_scope(method="HEAD", extensions={"http.response.pathsend": {}}))
     assert [message["type"] for message in head] == ["http.response.start", "http.response.body"]
 
 
 async def test_websocket_denial(file: Path, data: bytes) -> None:
     scope: Scope = {**http_scope(), "type": "websocket"}
     del scope["method"]
-    messages = await run(FileResponse(file), scope)
+    messages = await messages_of(FileResponse(file), scope)
     assert {message["type"] for message in messages} == {
         "websocket.http.response.start",
         "websocket.http.response.body",

@@ -12,7 +12,8 @@ the iterator is closed, readable from an async producer and from a sync one in i
 
 from __future__ import annotations
 
-import errno
+import functools
+import itertools
 import queue
 import random
 import threading
@@ -20,7 +21,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import anyio
 import anyio.from_thread
-import anyio.lowlevel
 import anyio.to_thread
 import pytest
 from starlette.background import BackgroundTask
@@ -32,7 +32,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from disconnect_responses import Outcome, StreamingResponse, stopping
 
-from .servers import Recorder, RunningServer, http_scope, open_response, read_then_close, serve
+from .asgi import SHAPES, WAIT, FakeServer, assert_closed_then_background, call, finished, producer_of, run_recorded
+from .servers import Recorder, leave_when, read_then_close, serve
 
 # Older Starlette's BaseHTTPMiddleware (0.40, 0.41) iterates Request.stream() without closing it; trio warns
 # when that generator is collected. Not this library's generator, and nothing leaks.
@@ -50,8 +51,6 @@ CHUNK = random.Random(7).randbytes(CHUNK_SIZE)
 READ_BEFORE_LEAVING = 1 << 20
 # Socket buffers on loopback hold a few MiB; anything near this means the stop failed.
 SENT_BOUND = 16 << 20
-WAIT = 10.0
-PRODUCERS = ("awaiting", "never-awaiting", "sync")
 
 Producer = Callable[[Recorder], ContentStream]
 
@@ -94,34 +93,7 @@ STACKS = ("base-http-1", "base-http-4", "gzip", "receive-wrapper")
 
 
 def endless(recorder: Recorder, producer: str) -> ContentStream:
-    async def awaiting() -> AsyncIterator[bytes]:
-        try:
-            while True:
-                await anyio.lowlevel.checkpoint()
-                yield CHUNK
-        finally:
-            recorder.record("iterator closed")
-
-    async def never_awaiting() -> AsyncIterator[bytes]:
-        try:
-            while True:
-                yield CHUNK
-        finally:
-            recorder.record("iterator closed")
-
-    def sync() -> Iterator[bytes]:
-        try:
-            while True:
-                yield CHUNK
-        finally:
-            recorder.record("iterator closed")
-
-    factories: dict[str, Callable[[], ContentStream]] = {
-        "awaiting": awaiting,
-        "never-awaiting": never_awaiting,
-        "sync": sync,
-    }
-    return factories[producer]()
+    return producer_of(producer, itertools.repeat(CHUNK), functools.partial(recorder.record, "iterator closed"))
 
 
 def make_app(recorder: Recorder, producer: Producer) -> ASGIApp:
@@ -132,42 +104,16 @@ def make_app(recorder: Recorder, producer: Producer) -> ASGIApp:
         response = StreamingResponse(
             producer(recorder), media_type="application/octet-stream", background=BackgroundTask(background)
         )
-        try:
-            await response(scope, receive, send)
-        finally:
-            recorder.record("response", response)
+        await run_recorded(response, recorder, scope, receive, send)
 
     return app
-
-
-def finished(recorder: Recorder) -> StreamingResponse:
-    recorder.wait_for("response", timeout=WAIT)
-    recorder.wait_for("background ran", timeout=WAIT)
-    [response] = recorder.values("response")
-    assert isinstance(response, StreamingResponse)
-    return response
-
-
-def assert_closed_then_background(recorder: Recorder) -> None:
-    """The iterator's ``finally`` ran once, before the background task, which ran exactly once."""
-    names = recorder.names()
-    assert names.count("iterator closed") == 1, names
-    assert names.count("background ran") == 1, names
-    assert names.index("iterator closed") < names.index("background ran"), names
-
-
-def leave_when(server: RunningServer, recorder: Recorder, event: str, path: str = "/") -> None:
-    """Request ``path``, read the response head, close once the app recorded ``event``."""
-    with open_response(server.port, path) as (head, _, _):
-        assert head.status == 200
-        recorder.wait_for(event, timeout=WAIT)
 
 
 # ---------------------------------------------------------------------------------------------
 # Item 5: middleware stacks
 
 
-@pytest.mark.parametrize("producer", PRODUCERS)
+@pytest.mark.parametrize("producer", SHAPES)
 @pytest.mark.parametrize("stack_name", STACKS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_guarantees_hold_through_the_stack(kind: str, stack_name: str, producer: str, recorder: Recorder) -> None:
@@ -182,7 +128,7 @@ def test_guarantees_hold_through_the_stack(kind: str, stack_name: str, producer:
     headers = [("Accept-Encoding", "gzip")] if stack_name == "gzip" else None
     with serve(app, kind) as server:
         received = read_then_close(server.port, "/", READ_BEFORE_LEAVING, headers=headers)
-        response = finished(recorder)
+        response = finished(recorder, background=True)
     assert received >= READ_BEFORE_LEAVING
     assert response.outcome is Outcome.DISCONNECTED
     assert 0 < response.bytes_sent < SENT_BOUND
@@ -241,7 +187,7 @@ def test_stopping_is_set_when_the_client_leaves(kind: str, stack_name: str, prod
     app = stack(make_app(recorder, content), stack_name, recorder)
     with serve(app, kind) as server:
         leave_when(server, recorder, "waiting on upstream")
-        response = finished(recorder)
+        response = finished(recorder, background=True)
     assert response.outcome is Outcome.DISCONNECTED
     assert recorder.values("stop set at start") == [False]
     assert recorder.values("stop set at close") == [True]
@@ -249,29 +195,6 @@ def test_stopping_is_set_when_the_client_leaves(kind: str, stack_name: str, prod
         assert recorder.index("stop seen in worker thread") < recorder.index("iterator closed")
     assert_closed_then_background(recorder)
     server.assert_no_errors()
-
-
-class Spec24Client:
-    """A spec 2.4 server: once the client has gone, ``send()`` raises ``OSError`` and ``receive()``
-    returns ``http.disconnect``. The client leaves when the app calls ``leave()``."""
-
-    def __init__(self) -> None:
-        self.gone = anyio.Event()
-        self.messages: list[Message] = []
-
-    scope: Scope = http_scope(spec_version="2.4")
-
-    def leave(self) -> None:
-        self.gone.set()
-
-    async def receive(self) -> Message:
-        await self.gone.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(self, message: Message) -> None:
-        if self.gone.is_set():
-            raise OSError(errno.EPIPE, "Broken pipe")
-        self.messages.append(message)
 
 
 @pytest.mark.anyio
@@ -282,7 +205,7 @@ async def test_stopping_on_a_spec_2_4_server(stack_name: str, producer: str) -> 
     a producer waiting on its upstream never calls ``send()`` again; ``stopping()`` is still set as soon
     as the client leaves, and the response ends quietly."""
     recorder = Recorder()
-    client = Spec24Client()
+    client = FakeServer("2.4")
 
     def content(recorder: Recorder) -> ContentStream:
         return stop_watching(recorder, producer)
@@ -292,12 +215,10 @@ async def test_stopping_on_a_spec_2_4_server(stack_name: str, producer: str) -> 
         client.leave()
 
     app = stack(make_app(recorder, content), stack_name, recorder)
-    with anyio.fail_after(WAIT):
-        async with anyio.create_task_group() as task_group:
-            task_group.start_soon(leave_when_waiting)
-            await app(client.scope, client.receive, client.send)
-    [response] = recorder.values("response")
-    assert isinstance(response, StreamingResponse)
+    async with anyio.create_task_group() as task_group:
+        task_group.start_soon(leave_when_waiting)
+        await call(app, client)
+    response = finished(recorder)
     assert response.outcome is Outcome.DISCONNECTED
     assert recorder.values("stop set at start") == [False]
     assert recorder.values("stop set at close") == [True]
@@ -376,7 +297,7 @@ def test_a_cooperative_producer_stops_its_upstream(
     app = stack(make_app(recorder, content), stack_name, recorder)
     with serve(app, kind) as server:
         read_then_close(server.port, "/", READ_BEFORE_LEAVING)
-        response = finished(recorder)
+        response = finished(recorder, background=True)
         recorder.wait_for("upstream stopped", timeout=WAIT)
     assert response.outcome is Outcome.DISCONNECTED
     assert_closed_then_background(recorder)

@@ -13,14 +13,14 @@ Servers: uvicorn (asyncio), hypercorn on asyncio and on trio. A case no server c
 from __future__ import annotations
 
 import contextlib
-import errno
+import functools
+import itertools
 import logging
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from types import TracebackType
 
 import anyio
-import anyio.lowlevel
 import pytest
 from starlette.background import BackgroundTask
 from starlette.responses import ContentStream
@@ -29,14 +29,25 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from disconnect_responses import Outcome, StreamingResponse
 from disconnect_responses._race import YIELD_EVERY_BYTES, BackgroundPolicy
 
-from .servers import Event, Recorder, RunningServer, http_scope, open_response, partial_read, request_then_leave, serve
+from .asgi import (
+    Body,
+    FakeServer,
+    assert_closed_then_background,
+    assert_exhausted,
+    blocked_in_next,
+    call,
+    finished,
+    noting_disconnect,
+    producer_of,
+    run_recorded,
+)
+from .servers import Event, Recorder, leave_when, partial_read, request_then_leave, serve
 
 pytestmark = pytest.mark.usefixtures("library_log")
 KINDS = ("uvicorn-httptools", "hypercorn-asyncio", "hypercorn-trio")
 CHUNK_SIZE = 64 * 1024
 CHUNK = b"p" * CHUNK_SIZE
 READ_BEFORE_LEAVING = 4 * CHUNK_SIZE
-WAIT = 10.0
 POLICIES: tuple[BackgroundPolicy, ...] = ("always", "completed")
 
 Producer = Callable[[Recorder], ContentStream]
@@ -64,11 +75,7 @@ def make_app(
     """
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        async def tapped_receive() -> Message:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                recorder.record("disconnect seen")
-            return message
+        tapped_receive = noting_disconnect(receive, functools.partial(recorder.record, "disconnect seen"))
 
         async def replay_disconnect() -> Message:
             return {"type": "http.disconnect"}
@@ -86,27 +93,9 @@ def make_app(
             background=BackgroundTask(background),
             background_policy=policy,
         )
-        try:
-            await response(scope, replay_disconnect if after_disconnect else tapped_receive, send)
-        finally:
-            recorder.record("response", response)
+        await run_recorded(response, recorder, scope, replay_disconnect if after_disconnect else tapped_receive, send)
 
     return app
-
-
-def finished(recorder: Recorder, timeout: float = WAIT) -> StreamingResponse:
-    recorder.wait_for("response", timeout=timeout)
-    [response] = recorder.values("response")
-    assert isinstance(response, StreamingResponse)
-    return response
-
-
-def assert_closed_then_background(recorder: Recorder) -> None:
-    """The iterator's ``finally`` ran once, before the background task, which ran exactly once."""
-    names = recorder.names()
-    assert names.count("iterator closed") == 1, names
-    assert names.count("background ran") == 1, names
-    assert names.index("iterator closed") < names.index("background ran"), names
 
 
 def assert_held_for_cleanup_timeout(events: Sequence[Event], since: str) -> None:
@@ -125,39 +114,15 @@ def library_records(caplog: pytest.LogCaptureFixture, level: int) -> list[loggin
 # The client leaves before the first item is pulled
 
 
-def endless_async(recorder: Recorder) -> AsyncIterator[bytes]:
-    async def produce() -> AsyncIterator[bytes]:
-        recorder.record("started")
-        try:
-            while True:
-                yield CHUNK
-        finally:
-            recorder.record("iterator closed")
-
-    return produce()
-
-
-def endless_sync(recorder: Recorder) -> Iterator[bytes]:
-    def produce() -> Iterator[bytes]:
-        recorder.record("started")
-        try:
-            while True:
-                yield CHUNK
-        finally:
-            recorder.record("iterator closed")
-
-    return produce()
-
-
-def assert_exhausted(content: object) -> None:
-    """A closed generator can never start later: the next pull ends it at once."""
-    if isinstance(content, AsyncIterator):
-        with pytest.raises(StopAsyncIteration):
-            anyio.run(content.__anext__)
-    else:
-        assert isinstance(content, Iterator)
-        with pytest.raises(StopIteration):
-            next(content)
+def endless(shape: str, recorder: Recorder) -> Body:
+    """An endless producer of ``shape`` that records "started" as its body starts and "iterator
+    closed" in its ``finally``."""
+    return producer_of(
+        shape,
+        itertools.repeat(CHUNK),
+        functools.partial(recorder.record, "iterator closed"),
+        started=functools.partial(recorder.record, "started"),
+    )
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -168,10 +133,10 @@ def test_gone_before_the_first_item_a_sync_producer_never_starts(
     """A sync generator is pulled in a worker thread, which gives the listener its turn first: the
     generator never starts, so its ``finally`` never runs (Python semantics: there is nothing to run).
     It is closed all the same and can never start later; the background task runs per the policy."""
-    contents: list[Iterator[bytes]] = []
+    contents: list[Body] = []
 
-    def producer(recorder: Recorder) -> Iterator[bytes]:
-        contents.append(endless_sync(recorder))
+    def producer(recorder: Recorder) -> Body:
+        contents.append(endless("sync", recorder))
         return contents[0]
 
     with serve(make_app(recorder, producer, policy=policy, after_disconnect=True), kind) as server:
@@ -184,7 +149,7 @@ def test_gone_before_the_first_item_a_sync_producer_never_starts(
     assert "started" not in recorder.names()
     assert "iterator closed" not in recorder.names()
     assert recorder.count("background ran") == (1 if policy == "always" else 0)
-    assert_exhausted(contents[0])
+    anyio.run(assert_exhausted, contents[0])
     server.assert_no_errors()
 
 
@@ -193,11 +158,9 @@ def test_gone_before_the_first_item_an_async_producer_never_starts(kind: str, re
     """The server reported the disconnect before the response was called: no producer is started for a
     client that has gone, and no body byte is handed to the server (the listener hears it before the
     body starts)."""
-    contents: list[AsyncIterator[bytes]] = []
 
-    def producer(recorder: Recorder) -> AsyncIterator[bytes]:
-        contents.append(endless_async(recorder))
-        return contents[0]
+    def producer(recorder: Recorder) -> Body:
+        return endless("never-awaiting", recorder)
 
     with serve(make_app(recorder, producer, after_disconnect=True), kind) as server:
         request_then_leave(server.port, "/")
@@ -217,26 +180,16 @@ def test_gone_before_the_first_item_resources_acquired_inside_are_released(
     acquired, whether or not it ever started. Either it never started (nothing acquired, nothing to
     release) or it started and its ``finally`` ran, before the background task."""
 
-    async def async_relay(recorder: Recorder) -> AsyncIterator[bytes]:
-        recorder.record("acquired")
-        try:
-            while True:
-                await anyio.lowlevel.checkpoint()
-                yield CHUNK
-        finally:
-            recorder.record("released")
-            recorder.record("iterator closed")
+    def release() -> None:
+        recorder.record("released")
+        recorder.record("iterator closed")
 
-    def sync_relay(recorder: Recorder) -> Iterator[bytes]:
-        recorder.record("acquired")
-        try:
-            while True:
-                yield CHUNK
-        finally:
-            recorder.record("released")
-            recorder.record("iterator closed")
+    def producer(recorder: Recorder) -> Body:
+        shape = "awaiting" if producer_kind == "async" else "sync"
+        return producer_of(
+            shape, itertools.repeat(CHUNK), release, started=functools.partial(recorder.record, "acquired")
+        )
 
-    producer: Producer = async_relay if producer_kind == "async" else sync_relay
     with serve(make_app(recorder, producer, after_disconnect=True), kind) as server:
         request_then_leave(server.port, "/")
         response = finished(recorder)
@@ -249,24 +202,6 @@ def test_gone_before_the_first_item_resources_acquired_inside_are_released(
     server.assert_no_errors()
 
 
-class FirstSendFails:
-    """A spec 2.4 server whose client is gone before the response starts: ``send()`` raises ``OSError``
-    on the headers already, and ``receive()`` waits (the disconnect is not reported there yet)."""
-
-    def __init__(self) -> None:
-        self.messages: list[Message] = []
-
-    scope: Scope = http_scope(spec_version="2.4")
-
-    async def receive(self) -> Message:
-        await anyio.sleep_forever()
-        raise AssertionError("unreachable")
-
-    async def send(self, message: Message) -> None:
-        self.messages.append(message)
-        raise OSError(errno.EPIPE, "Broken pipe")
-
-
 @pytest.mark.anyio
 @pytest.mark.parametrize("producer_kind", ["async", "sync"])
 async def test_a_never_started_generator_has_no_finally_to_run(producer_kind: str) -> None:
@@ -275,36 +210,20 @@ async def test_a_never_started_generator_has_no_finally_to_run(producer_kind: st
     that ``finally`` stays open. The background task still runs."""
     opened_outside: list[str] = ["upstream connection"]
     events: list[str] = []
-
-    async def async_relay(connection: list[str]) -> AsyncIterator[bytes]:
-        try:
-            while True:
-                yield CHUNK
-        finally:
-            connection.clear()
-
-    def sync_relay(connection: list[str]) -> Iterator[bytes]:
-        try:
-            while True:
-                yield CHUNK
-        finally:
-            connection.clear()
-
-    content = async_relay(opened_outside) if producer_kind == "async" else sync_relay(opened_outside)
-    server = FirstSendFails()
+    shape = "never-awaiting" if producer_kind == "async" else "sync"
+    # The relay releases the connection in its finally.
+    content = producer_of(shape, itertools.repeat(CHUNK), opened_outside.clear)
+    # A spec 2.4 server whose client left before the response started, which receive() has not
+    # reported yet: send() refuses the headers already.
+    server = FakeServer("2.4", silent=True)
+    server.leave()
     response = StreamingResponse(content, background=BackgroundTask(events.append, "background"))
-    with anyio.fail_after(WAIT):
-        await response(server.scope, server.receive, server.send)
+    await call(response, server)
     assert response.outcome is Outcome.DISCONNECTED
-    assert [message["type"] for message in server.messages] == ["http.response.start"]
+    assert [message["type"] for message in server.messages + server.refused] == ["http.response.start"]
     assert events == ["background"]
     assert opened_outside == ["upstream connection"], "the finally of a never-started generator ran"
-    if isinstance(content, AsyncIterator):
-        with pytest.raises(StopAsyncIteration):
-            await content.__anext__()
-    else:
-        with pytest.raises(StopIteration):
-            next(content)
+    await assert_exhausted(content)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,13 +309,6 @@ LOOP_FINALIZATION_ERRORS = (
     "an error occurred during closing of asynchronous generator",
     "Exception ignored during finalization of async generator",
 )
-
-
-def leave_when(server: RunningServer, recorder: Recorder, event: str, path: str = "/") -> None:
-    """Request ``path``, read the response head, close once the app recorded ``event``."""
-    with open_response(server.port, path) as (head, _, _):
-        assert head.status == 200
-        recorder.wait_for(event, timeout=WAIT)
 
 
 @pytest.mark.parametrize("producer", STUBBORN)
@@ -683,17 +595,14 @@ def test_sync_iterator_blocked_in_next(kind: str, recorder: Recorder, caplog: py
     ``next()`` returns, and its ``finally`` runs there."""
     release = threading.Event()
 
-    def producer(recorder: Recorder) -> Iterator[bytes]:
-        def produce() -> Iterator[bytes]:
-            try:
-                yield CHUNK
-                recorder.record("blocked in next", threading.current_thread().name)
-                release.wait(WAIT)
-                yield CHUNK
-            finally:
-                recorder.record("iterator closed", threading.current_thread().name)
+    def in_this_thread(name: str) -> Callable[[], None]:
+        """Records ``name`` with the thread it is called in."""
+        return lambda: recorder.record(name, threading.current_thread().name)
 
-        return produce()
+    def producer(recorder: Recorder) -> Iterator[bytes]:
+        return blocked_in_next(
+            CHUNK, release, blocked=in_this_thread("blocked in next"), closed=in_this_thread("iterator closed")
+        )
 
     try:
         with serve(make_app(recorder, producer, response_class=QuickCleanup), kind) as server:
@@ -721,18 +630,14 @@ def test_an_error_closing_a_blocked_sync_iterator_is_logged(recorder: Recorder) 
     its own."""
     release = threading.Event()
 
-    def producer(recorder: Recorder) -> Iterator[bytes]:
-        def produce() -> Iterator[bytes]:
-            try:
-                yield CHUNK
-                recorder.record("blocked in next")
-                release.wait(WAIT)
-                yield CHUNK
-            finally:
-                recorder.record("iterator closed")
-                raise UpstreamBroke("closing the upstream failed")
+    def close_fails() -> None:
+        recorder.record("iterator closed")
+        raise UpstreamBroke("closing the upstream failed")
 
-        return produce()
+    def producer(recorder: Recorder) -> Iterator[bytes]:
+        return blocked_in_next(
+            CHUNK, release, blocked=functools.partial(recorder.record, "blocked in next"), closed=close_fails
+        )
 
     class Forward(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
@@ -769,23 +674,12 @@ def test_error_after_the_headers_reaches_the_server(
     as itself (not in an exception group) and is logged there as today; the iterator is closed first,
     and the background task runs with policy "always", not with "completed"."""
 
-    async def async_failing(recorder: Recorder) -> AsyncIterator[bytes]:
-        try:
-            yield CHUNK
-            await anyio.lowlevel.checkpoint()
-            raise UpstreamBroke("upstream broke")
-        finally:
-            recorder.record("iterator closed")
+    def failing(recorder: Recorder) -> Body:
+        shape = "awaiting" if producer_kind == "async" else "sync"
+        closed = functools.partial(recorder.record, "iterator closed")
+        return producer_of(shape, [CHUNK], closed, error=UpstreamBroke("upstream broke"))
 
-    def sync_failing(recorder: Recorder) -> Iterator[bytes]:
-        try:
-            yield CHUNK
-            raise UpstreamBroke("upstream broke")
-        finally:
-            recorder.record("iterator closed")
-
-    factory: Producer = async_failing if producer_kind == "async" else sync_failing
-    with serve(make_app(recorder, factory, policy=policy), kind) as server:
+    with serve(make_app(recorder, failing, policy=policy), kind) as server:
         # The client stays until the response has ended, so the error, not a disconnect, ends it.
         leave_when(server, recorder, "response")
         response = finished(recorder)
@@ -796,8 +690,4 @@ def test_error_after_the_headers_reaches_the_server(
     assert type(error) is UpstreamBroke
     logged = [record for record in server.log_records if record.exc_info is not None]
     assert any(record.exc_info is not None and record.exc_info[1] is error for record in logged), logged
-    assert recorder.count("iterator closed") == 1
-    if policy == "always":
-        assert_closed_then_background(recorder)
-    else:
-        assert "background ran" not in recorder.names()
+    assert_closed_then_background(recorder, background=policy == "always")

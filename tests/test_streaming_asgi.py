@@ -1,4 +1,4 @@
-"""StreamingResponse called as a raw ASGI app, with a hand-written server (``FakeClient``) around it.
+"""StreamingResponse called as a raw ASGI app, with a hand-written server (``FakeServer``) around it.
 
 The fake decides exactly what a server would report and when: the client leaves after a given
 number of body chunks, ``send()`` raises ``OSError`` once the client is gone (ASGI spec 2.4), or
@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import gc
+import itertools
 import logging
 import sys
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import anyio
 import anyio.from_thread
@@ -22,87 +24,28 @@ import anyio.to_thread
 import pytest
 from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect
-from starlette.types import Message, Scope
+from starlette.types import Message
 
 from disconnect_responses import Outcome, StreamingResponse, stopping
 from disconnect_responses._race import YIELD_EVERY_BYTES, BackgroundPolicy
 
-from .servers import http_scope
+from .asgi import (
+    SHAPES,
+    WATCHDOG,
+    Body,
+    FakeServer,
+    assert_exhausted,
+    blocked_in_next,
+    call,
+    call_then_cancel,
+    producer_of,
+)
 
 pytestmark = pytest.mark.anyio
 
 CHUNK = b"x" * (64 * 1024)
 SPEC_VERSIONS = [None, "2.3", "2.4"]
-WATCHDOG = 5.0
 POLICIES: list[BackgroundPolicy] = ["always", "completed"]
-
-
-class FakeClient:
-    """One connection's ``receive`` and ``send`` as a server would drive them.
-
-    ``receive()`` returns the queued ``requests`` first, then blocks until the client ``leave()``s and
-    returns ``http.disconnect``. ``send()`` records every message; with ``leave_after`` it makes the
-    client leave once that many body chunks were sent; on spec 2.4 it raises ``OSError`` once the
-    client is gone; ``block_after`` body chunks it blocks forever, like a client that stopped reading.
-    """
-
-    def __init__(
-        self,
-        spec_version: str | None = "2.3",
-        *,
-        leave_after: int | None = None,
-        requests: Sequence[Message] = (),
-        block_after: int | None = None,
-        send_error: Exception | None = None,
-    ) -> None:
-        self.spec_version = spec_version
-        self.leave_after = leave_after
-        self.block_after = block_after
-        self.send_error = send_error
-        self.requests = list(requests)
-        self.gone = anyio.Event()
-        self.receive_calls = 0
-        self.disconnect_received = False
-        self.disconnect_delivered = anyio.Event()
-        self.messages: list[Message] = []
-        self.body_chunks = 0
-        self.bytes_after_leaving = 0
-        self.sent_after_disconnect_received: list[Message] = []
-
-    def scope(self, type: str = "http") -> Scope:
-        return {**http_scope(spec_version=self.spec_version, path="/stream"), "type": type}
-
-    def leave(self) -> None:
-        self.gone.set()
-
-    async def receive(self) -> Message:
-        self.receive_calls += 1
-        if self.requests:
-            return self.requests.pop(0)
-        await self.gone.wait()
-        self.disconnect_received = True
-        self.disconnect_delivered.set()
-        return {"type": "http.disconnect"}
-
-    async def send(self, message: Message) -> None:
-        if self.gone.is_set() and self.spec_version == "2.4":
-            raise OSError(errno.EPIPE, "Broken pipe")
-        if self.send_error is not None and message["type"] == "http.response.body":
-            raise self.send_error
-        if self.disconnect_received:
-            self.sent_after_disconnect_received.append(message)
-        if self.gone.is_set():
-            self.bytes_after_leaving += len(message.get("body", b""))
-        self.messages.append(message)
-        if message["type"] == "http.response.body" and message.get("more_body", False):
-            self.body_chunks += 1
-            if self.body_chunks == self.leave_after:
-                self.leave()
-            if self.body_chunks == self.block_after:
-                await anyio.sleep_forever()
-
-    def body(self) -> bytes:
-        return b"".join(bytes(message.get("body", b"")) for message in self.messages)
 
 
 class Log:
@@ -114,6 +57,10 @@ class Log:
     def append(self, event: str) -> None:
         self.events.append(event)
 
+    def closed(self) -> None:
+        """The producer's ``finally`` ran."""
+        self.events.append("closed")
+
     async def background(self) -> None:
         await anyio.lowlevel.checkpoint()
         self.events.append("background")
@@ -122,38 +69,9 @@ class Log:
         return BackgroundTask(self.background)
 
 
-def awaiting(log: Log) -> AsyncIterator[bytes]:
-    async def produce() -> AsyncIterator[bytes]:
-        try:
-            while True:
-                await anyio.lowlevel.checkpoint()
-                yield CHUNK
-        finally:
-            log.append("closed")
-
-    return produce()
-
-
-def never_awaiting(log: Log) -> AsyncIterator[bytes]:
-    async def produce() -> AsyncIterator[bytes]:
-        try:
-            while True:
-                yield CHUNK
-        finally:
-            log.append("closed")
-
-    return produce()
-
-
-def sync(log: Log) -> Iterator[bytes]:
-    def produce() -> Iterator[bytes]:
-        try:
-            while True:
-                yield CHUNK
-        finally:
-            log.append("closed")
-
-    return produce()
+def endless(shape: str, log: Log) -> Body:
+    """An endless producer of ``shape`` that logs "closed" in its ``finally``."""
+    return producer_of(shape, itertools.repeat(CHUNK), log.closed)
 
 
 def waiting_on_upstream(log: Log) -> AsyncIterator[bytes]:
@@ -164,18 +82,26 @@ def waiting_on_upstream(log: Log) -> AsyncIterator[bytes]:
             yield CHUNK
             await anyio.sleep_forever()
         finally:
-            log.append("closed")
+            log.closed()
 
     return produce()
 
 
-Producer = Callable[[Log], AsyncIterator[bytes] | Iterator[bytes]]
-ENDLESS_PRODUCERS: dict[str, Producer] = {"awaiting": awaiting, "never-awaiting": never_awaiting, "sync": sync}
+async def assert_stops_promptly(content: AsyncIterator[bytes], log: Log, client: FakeServer) -> None:
+    """Streams ``content`` to ``client``, whose client leaves: the response ends as a disconnect. Its
+    ``cleanup_timeout`` is ten times the watchdog's bound, so a producer let go only by that timeout
+    fails the test (``TimeoutError``) instead of passing late."""
+    response = StreamingResponse(content, background=log.task())
+    response.cleanup_timeout = WATCHDOG * 10
+    await call(response, client)
+    assert response.outcome is Outcome.DISCONNECTED
 
 
-async def run(response: StreamingResponse, client: FakeClient, type: str = "http") -> None:
-    with anyio.fail_after(WATCHDOG):
-        await response(client.scope(type), client.receive, client.send)
+@pytest.fixture
+def asyncio_only(anyio_backend: str) -> None:
+    """Skips the trio run of a test of asyncio's own cancellation (``task.cancel()``, ``asyncio.timeout``)."""
+    if anyio_backend != "asyncio":
+        pytest.skip("asyncio's own cancellation")
 
 
 def stopped_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -187,19 +113,19 @@ def stopped_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 @pytest.mark.parametrize("spec_version", SPEC_VERSIONS)
-@pytest.mark.parametrize("producer", ENDLESS_PRODUCERS)
+@pytest.mark.parametrize("producer", SHAPES)
 async def test_client_leaves_mid_stream(
     spec_version: str | None, producer: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The response stops, closes the iterator, then runs the background task once; nothing escapes."""
     caplog.set_level(logging.INFO, logger="disconnect_responses")
     log = Log()
-    client = FakeClient(spec_version, leave_after=3)
-    response = StreamingResponse(ENDLESS_PRODUCERS[producer](log), background=log.task())
-    await run(response, client)
+    client = FakeServer(spec_version, leave_after=3)
+    response = StreamingResponse(endless(producer, log), background=log.task())
+    await call(response, client)
     assert response.outcome is Outcome.DISCONNECTED
     assert log.events == ["closed", "background"]
-    assert response.bytes_sent == len(client.body()) >= 3 * len(CHUNK)
+    assert response.bytes_sent == len(client.body) >= 3 * len(CHUNK)
     assert client.sent_after_disconnect_received == []
     [line] = stopped_lines(caplog)
     assert line.startswith(f'"GET /stream" stopped: disconnected after {response.bytes_sent} body bytes in ')
@@ -217,9 +143,9 @@ async def test_divergence_3_no_chunk_after_the_listener_saw_the_disconnect(
     client left stay within two such turns, however long the body.
     """
     log = Log()
-    client = FakeClient(spec_version, leave_after=5)
-    response = StreamingResponse(ENDLESS_PRODUCERS[producer](log), background=log.task())
-    await run(response, client)
+    client = FakeServer(spec_version, leave_after=5)
+    response = StreamingResponse(endless(producer, log), background=log.task())
+    await call(response, client)
     assert response.outcome is Outcome.DISCONNECTED
     assert client.sent_after_disconnect_received == []
     assert client.bytes_after_leaving <= 2 * YIELD_EVERY_BYTES
@@ -234,9 +160,9 @@ async def test_divergence_1_listener_runs_on_every_spec_version(spec_version: st
     Starlette skips its listener on spec 2.4 and would wait for the upstream forever.
     """
     log = Log()
-    client = FakeClient(spec_version, leave_after=1)
+    client = FakeServer(spec_version, leave_after=1)
     response = StreamingResponse(waiting_on_upstream(log), background=log.task())
-    await run(response, client)
+    await call(response, client)
     assert response.outcome is Outcome.DISCONNECTED
     assert client.disconnect_received
     assert log.events == ["closed", "background"]
@@ -249,9 +175,9 @@ async def test_divergence_2_oserror_from_send_on_spec_2_4_ends_quietly() -> None
     ``ClientDisconnect``, no exception group escapes, and the background task runs.
     """
     log = Log()
-    client = FakeClient("2.4", leave_after=2)
-    response = StreamingResponse(never_awaiting(log), background=log.task())
-    await run(response, client)
+    client = FakeServer("2.4", leave_after=2)
+    response = StreamingResponse(endless("never-awaiting", log), background=log.task())
+    await call(response, client)
     assert response.outcome is Outcome.DISCONNECTED
     assert log.events == ["closed", "background"]
     assert client.sent_after_disconnect_received == []
@@ -260,9 +186,9 @@ async def test_divergence_2_oserror_from_send_on_spec_2_4_ends_quietly() -> None
 async def test_divergence_2_oserror_from_send_before_any_disconnect_message() -> None:
     """``OSError`` from ``send()`` alone, with no ``http.disconnect`` ever received, ends as a disconnect."""
     log = Log()
-    client = FakeClient("2.4", send_error=OSError(errno.ECONNRESET, "Connection reset by peer"))
-    response = StreamingResponse(awaiting(log), background=log.task())
-    await run(response, client)
+    client = FakeServer("2.4", send_error=OSError(errno.ECONNRESET, "Connection reset by peer"))
+    response = StreamingResponse(endless("awaiting", log), background=log.task())
+    await call(response, client)
     assert response.outcome is Outcome.DISCONNECTED
     assert not client.disconnect_received
     assert response.bytes_sent == 0
@@ -273,9 +199,9 @@ async def test_divergence_2_oserror_from_send_before_any_disconnect_message() ->
 async def test_divergence_2_client_disconnect_from_send_ends_quietly(spec_version: str | None) -> None:
     """A ``send()`` that raises Starlette's ``ClientDisconnect`` (a wrapping middleware) is a disconnect too."""
     log = Log()
-    client = FakeClient(spec_version, send_error=ClientDisconnect())
-    response = StreamingResponse(sync(log), background=log.task())
-    await run(response, client)
+    client = FakeServer(spec_version, send_error=ClientDisconnect())
+    response = StreamingResponse(endless("sync", log), background=log.task())
+    await call(response, client)
     assert response.outcome is Outcome.DISCONNECTED
     assert log.events == ["closed", "background"]
 
@@ -288,26 +214,12 @@ async def test_producer_error_is_reraised_unwrapped(producer: str, policy: Backg
     The iterator is closed first; the background task runs with policy "always", not "completed".
     """
     log = Log()
-
-    async def async_failing() -> AsyncIterator[bytes]:
-        try:
-            yield CHUNK
-            raise ValueError("upstream broke")
-        finally:
-            log.append("closed")
-
-    def sync_failing() -> Iterator[bytes]:
-        try:
-            yield CHUNK
-            raise ValueError("upstream broke")
-        finally:
-            log.append("closed")
-
-    content = async_failing() if producer == "async" else sync_failing()
+    shape = "never-awaiting" if producer == "async" else "sync"
+    content = producer_of(shape, [CHUNK], log.closed, error=ValueError("upstream broke"))
     response = StreamingResponse(content, background=log.task(), background_policy=policy)
-    client = FakeClient()
+    client = FakeServer()
     with pytest.raises(ValueError, match="upstream broke") as caught:
-        await run(response, client)
+        await call(response, client)
     assert type(caught.value) is ValueError
     assert response.outcome is Outcome.ERROR
     assert log.events == (["closed", "background"] if policy == "always" else ["closed"])
@@ -330,7 +242,7 @@ async def test_a_reraised_error_keeps_no_cycle_with_the_producers_frames() -> No
     gc.disable()
     try:
         with pytest.raises(ValueError, match="upstream broke"):
-            await run(StreamingResponse(failing()), FakeClient())
+            await call(StreamingResponse(failing()), FakeServer())
         assert freed.is_set()
     finally:
         gc.enable()
@@ -340,20 +252,20 @@ async def test_a_reraised_error_keeps_no_cycle_with_the_producers_frames() -> No
 async def test_divergence_6_background_after_disconnect_follows_the_policy(policy: BackgroundPolicy) -> None:
     """Policy "always" (default) runs the background task after a disconnect; "completed" does not."""
     log = Log()
-    client = FakeClient(leave_after=2)
-    response = StreamingResponse(awaiting(log), background=log.task(), background_policy=policy)
-    await run(response, client)
+    client = FakeServer(leave_after=2)
+    response = StreamingResponse(endless("awaiting", log), background=log.task(), background_policy=policy)
+    await call(response, client)
     assert response.outcome is Outcome.DISCONNECTED
     assert log.events == (["closed", "background"] if policy == "always" else ["closed"])
 
 
 async def test_divergence_6_completed_policy_runs_background_after_completion() -> None:
     log = Log()
-    client = FakeClient()
+    client = FakeServer()
     response = StreamingResponse(iter([b"a", b"b"]), background=log.task(), background_policy="completed")
-    await run(response, client)
+    await call(response, client)
     assert response.outcome is Outcome.COMPLETED
-    assert client.body() == b"ab"
+    assert client.body == b"ab"
     assert log.events == ["background"]
 
 
@@ -364,26 +276,12 @@ async def test_divergence_6_external_cancellation_closes_and_runs_background_shi
     log = Log()
     upstream_waiting = threading.Event()
     release_upstream = threading.Event()
-
-    async def async_waiting() -> AsyncIterator[bytes]:
-        try:
-            yield CHUNK
-            await anyio.sleep_forever()
-        finally:
-            log.append("closed")
-
-    def sync_waiting() -> Iterator[bytes]:
-        try:
-            yield CHUNK
-            upstream_waiting.set()
-            release_upstream.wait(WATCHDOG)
-            yield CHUNK
-        finally:
-            log.append("closed")
-
-    content = async_waiting() if producer == "async" else sync_waiting()
+    if producer == "async":
+        content: Body = waiting_on_upstream(log)
+    else:
+        content = blocked_in_next(CHUNK, release_upstream, blocked=upstream_waiting.set, closed=log.closed)
     response = StreamingResponse(content, background=log.task())
-    client = FakeClient()
+    client = FakeServer()
     with anyio.fail_after(WATCHDOG):
         async with anyio.create_task_group() as task_group:
             task_group.start_soon(response, client.scope(), client.receive, client.send)
@@ -421,12 +319,8 @@ async def test_divergence_6_cleanup_after_cancellation_is_bounded_by_cleanup_tim
     response = StreamingResponse(stubborn(), background=BackgroundTask(endless_background))
     response.cleanup_timeout = 0.05
     # The server's send() never returns, so the cancellation lands there, not inside the generator.
-    client = FakeClient(block_after=1)
-    with anyio.fail_after(WATCHDOG):
-        async with anyio.create_task_group() as task_group:
-            task_group.start_soon(response, client.scope(), client.receive, client.send)
-            await anyio.wait_all_tasks_blocked()
-            task_group.cancel_scope.cancel()
+    client = FakeServer(block_after=1)
+    await call_then_cancel(response, client, when=anyio.wait_all_tasks_blocked)
     assert response.outcome is Outcome.CANCELLED
     assert hung.events == ["closing", "background"]
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
@@ -434,14 +328,14 @@ async def test_divergence_6_cleanup_after_cancellation_is_bounded_by_cleanup_tim
     assert any("background" in message and "0.05 s" in message for message in warnings), warnings
 
 
-@pytest.mark.parametrize("producer", ENDLESS_PRODUCERS)
+@pytest.mark.parametrize("producer", SHAPES)
 async def test_send_timeout_lets_a_stalled_client_go(producer: str, caplog: pytest.LogCaptureFixture) -> None:
     """A ``send()`` that blocks forever is abandoned after ``send_timeout``; cleanup runs as usual."""
     caplog.set_level(logging.INFO, logger="disconnect_responses")
     log = Log()
-    client = FakeClient(block_after=3)
-    response = StreamingResponse(ENDLESS_PRODUCERS[producer](log), background=log.task(), send_timeout=0.05)
-    await run(response, client)
+    client = FakeServer(block_after=3)
+    response = StreamingResponse(endless(producer, log), background=log.task(), send_timeout=0.05)
+    await call(response, client)
     assert response.outcome is Outcome.SEND_TIMEOUT
     assert response.bytes_sent == 2 * len(CHUNK)
     assert log.events == ["closed", "background"]
@@ -449,36 +343,14 @@ async def test_send_timeout_lets_a_stalled_client_go(producer: str, caplog: pyte
     assert f"stopped: send_timeout after {2 * len(CHUNK)} body bytes" in line
 
 
-def unstarted(log: Log, producer: str) -> AsyncIterator[bytes] | Iterator[bytes]:
+def unstarted(log: Log, producer: str) -> Body:
     """An endless producer that records when its body starts running and when its ``finally`` runs."""
-
-    async def async_producer() -> AsyncIterator[bytes]:
-        log.append("started")
-        try:
-            while True:
-                await anyio.lowlevel.checkpoint()
-                yield CHUNK
-        finally:
-            log.append("closed")
-
-    def sync_producer() -> Iterator[bytes]:
-        log.append("started")
-        try:
-            while True:
-                yield CHUNK
-        finally:
-            log.append("closed")
-
-    return async_producer() if producer == "async" else sync_producer()
-
-
-async def assert_exhausted(content: AsyncIterator[bytes] | Iterator[bytes]) -> None:
-    if isinstance(content, AsyncIterator):
-        with pytest.raises(StopAsyncIteration):
-            await content.__anext__()
-    else:
-        with pytest.raises(StopIteration):
-            next(content)
+    return producer_of(
+        "awaiting" if producer == "async" else "sync",
+        itertools.repeat(CHUNK),
+        log.closed,
+        started=functools.partial(log.append, "started"),
+    )
 
 
 @pytest.mark.parametrize("producer", ["async", "sync"])
@@ -488,10 +360,10 @@ async def test_disconnect_before_the_response_starts(producer: str) -> None:
     ``finally`` to run.)"""
     log = Log()
     content = unstarted(log, producer)
-    client = FakeClient()
+    client = FakeServer()
     client.leave()
     response = StreamingResponse(content, background=log.task())
-    await run(response, client)
+    await call(response, client)
     assert response.outcome is Outcome.DISCONNECTED
     assert log.events in (["background"], ["started", "closed", "background"])
     await assert_exhausted(content)
@@ -503,7 +375,7 @@ async def test_disconnect_during_the_headers_send_never_starts_the_producer(prod
     never pulled, so a generator that would acquire upstream resources never starts."""
     log = Log()
     content = unstarted(log, producer)
-    client = FakeClient()
+    client = FakeServer()
     client.leave()
 
     async def slow_send(message: Message) -> None:
@@ -525,9 +397,9 @@ async def test_http_request_messages_before_the_disconnect_are_skipped() -> None
         {"type": "http.request", "body": b"part", "more_body": True},
         {"type": "http.request", "body": b"", "more_body": False},
     ]
-    client = FakeClient(leave_after=2, requests=requests)
-    response = StreamingResponse(awaiting(log), background=log.task())
-    await run(response, client)
+    client = FakeServer(leave_after=2, requests=requests)
+    response = StreamingResponse(endless("awaiting", log), background=log.task())
+    await call(response, client)
     assert response.outcome is Outcome.DISCONNECTED
     assert client.receive_calls == 3
     assert log.events == ["closed", "background"]
@@ -536,16 +408,16 @@ async def test_http_request_messages_before_the_disconnect_are_skipped() -> None
 async def test_websocket_denial_response() -> None:
     """Denying a websocket with a streamed response sends the ``websocket.http.*`` messages, no listener."""
     log = Log()
-    client = FakeClient()
+    client = FakeServer()
     response = StreamingResponse(iter([b"denied"]), status_code=403, background=log.task())
-    await run(response, client, type="websocket")
+    await call(response, client, client.scope("websocket"))
     assert [message["type"] for message in client.messages] == [
         "websocket.http.response.start",
         "websocket.http.response.body",
         "websocket.http.response.body",
     ]
     assert client.messages[0]["status"] == 403
-    assert client.body() == b"denied"
+    assert client.body == b"denied"
     assert client.receive_calls == 0
     assert response.outcome is Outcome.COMPLETED
     assert log.events == ["background"]
@@ -556,27 +428,14 @@ async def test_websocket_denial_response() -> None:
 async def test_completed_run(spec_version: str | None, producer: str, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="disconnect_responses")
     log = Log()
-    chunks = [b"one", b"two", b"three"]
-
-    async def async_content() -> AsyncIterator[bytes]:
-        try:
-            for chunk in chunks:
-                yield chunk
-        finally:
-            log.append("closed")
-
-    def sync_content() -> Iterator[bytes]:
-        try:
-            yield from chunks
-        finally:
-            log.append("closed")
-
-    client = FakeClient(spec_version)
-    response = StreamingResponse(async_content() if producer == "async" else sync_content(), background=log.task())
-    await run(response, client)
+    shape = "never-awaiting" if producer == "async" else "sync"
+    content = producer_of(shape, [b"one", b"two", b"three"], log.closed)
+    client = FakeServer(spec_version)
+    response = StreamingResponse(content, background=log.task())
+    await call(response, client)
     assert response.outcome is Outcome.COMPLETED
     assert response.bytes_sent == len(b"onetwothree")
-    assert client.body() == b"onetwothree"
+    assert client.body == b"onetwothree"
     assert log.events == ["closed", "background"]
     assert stopped_lines(caplog) == []
 
@@ -622,9 +481,9 @@ async def test_divergence_4_iterator_objects_are_closed_once_in_a_worker_thread(
 
     Starlette never closes a sync iterator."""
     iterator = ClosableIterator([CHUNK] * (1000 if leave else 10))
-    client = FakeClient(leave_after=2 if leave else None)
+    client = FakeServer(leave_after=2 if leave else None)
     response = StreamingResponse(iterator)
-    await run(response, client)
+    await call(response, client)
     assert response.outcome is (Outcome.DISCONNECTED if leave else Outcome.COMPLETED)
     assert len(iterator.closes) == 1
     assert iterator.closes[0] != threading.current_thread().name
@@ -633,9 +492,9 @@ async def test_divergence_4_iterator_objects_are_closed_once_in_a_worker_thread(
 @pytest.mark.parametrize("leave", [False, True])
 async def test_divergence_4_async_iterator_objects_get_aclose(leave: bool) -> None:
     iterator = AsyncClosableIterator([CHUNK] * (1000 if leave else 10))
-    client = FakeClient(leave_after=2 if leave else None)
+    client = FakeServer(leave_after=2 if leave else None)
     response = StreamingResponse(iterator)
-    await run(response, client)
+    await call(response, client)
     assert response.outcome is (Outcome.DISCONNECTED if leave else Outcome.COMPLETED)
     assert iterator.acloses == 1
 
@@ -651,18 +510,14 @@ async def test_divergence_5_a_blocked_next_is_abandoned_and_closed_when_it_retur
     release = threading.Event()
     closed = threading.Event()
 
-    def blocking() -> Iterator[bytes]:
-        try:
-            yield CHUNK
-            in_next.set()
-            release.wait(WATCHDOG)
-            yield CHUNK
-        finally:
-            log.append("closed")
-            closed.set()
+    def close() -> None:
+        log.closed()
+        closed.set()
 
-    client = FakeClient()
-    response = StreamingResponse(blocking(), background=log.task())
+    client = FakeServer()
+    response = StreamingResponse(
+        blocked_in_next(CHUNK, release, blocked=in_next.set, closed=close), background=log.task()
+    )
     response.cleanup_timeout = 0.05
     with anyio.fail_after(WATCHDOG):
         async with anyio.create_task_group() as task_group:
@@ -680,9 +535,9 @@ async def test_divergence_5_a_blocked_next_is_abandoned_and_closed_when_it_retur
 
 def interrupted_at_an_upstream_await(
     log: Log, waiting: Callable[[], object], cleanup: Callable[[], Awaitable[None]]
-) -> AsyncIterator[bytes]:
-    """Yields one chunk, then calls ``waiting`` (the client leaves, say) as it waits for an upstream that
-    never answers; its ``finally`` runs ``cleanup``, between two log entries."""
+) -> StreamingResponse:
+    """A response whose producer yields one chunk, then calls ``waiting`` (the client leaves, say) as it
+    waits for an upstream that never answers; its ``finally`` runs ``cleanup``, between two log entries."""
 
     async def produce() -> AsyncIterator[bytes]:
         try:
@@ -694,7 +549,7 @@ def interrupted_at_an_upstream_await(
             await cleanup()
             log.append("cleanup finished")
 
-    return produce()
+    return StreamingResponse(produce(), background=log.task())
 
 
 async def awaits_twice() -> None:
@@ -708,11 +563,9 @@ async def test_divergence_14_cleanup_interrupted_at_an_upstream_await_can_await(
     """The cancellation lands where the producer waits for its upstream; its cleanup there (a
     ``finally``, an ``__aexit__``) then awaits to its end, before the background task."""
     log = Log()
-    client = FakeClient(spec_version)
-    response = StreamingResponse(
-        interrupted_at_an_upstream_await(log, client.leave, awaits_twice), background=log.task()
-    )
-    await run(response, client)
+    client = FakeServer(spec_version)
+    response = interrupted_at_an_upstream_await(log, client.leave, awaits_twice)
+    await call(response, client)
     assert response.outcome is Outcome.DISCONNECTED
     assert log.events == ["cleanup started", "cleanup finished", "background"]
 
@@ -724,12 +577,10 @@ async def test_divergence_14_cleanup_that_never_ends_is_bounded_by_cleanup_timeo
     task still runs."""
     caplog.set_level(logging.WARNING, logger="disconnect_responses")
     log = Log()
-    client = FakeClient()
-    response = StreamingResponse(
-        interrupted_at_an_upstream_await(log, client.leave, anyio.sleep_forever), background=log.task()
-    )
+    client = FakeServer()
+    response = interrupted_at_an_upstream_await(log, client.leave, anyio.sleep_forever)
     response.cleanup_timeout = 0.05
-    await run(response, client)
+    await call(response, client)
     assert response.outcome is Outcome.DISCONNECTED
     assert log.events == ["cleanup started", "background"]
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
@@ -740,7 +591,7 @@ async def test_divergence_14_a_producers_own_timeout_leaves_it_cancellable() -> 
     """A timeout inside the producer cancels only what it wraps: a later disconnect still stops the
     producer at once, not after ``cleanup_timeout``."""
     log = Log()
-    client = FakeClient()
+    client = FakeServer()
 
     async def produce() -> AsyncIterator[bytes]:
         try:
@@ -750,16 +601,13 @@ async def test_divergence_14_a_producers_own_timeout_leaves_it_cancellable() -> 
             client.leave()
             await anyio.sleep_forever()
         finally:
-            log.append("closed")
+            log.closed()
 
-    response = StreamingResponse(produce(), background=log.task())
-    response.cleanup_timeout = WATCHDOG * 10
-    await run(response, client)
-    assert response.outcome is Outcome.DISCONNECTED
+    await assert_stops_promptly(produce(), log, client)
     assert log.events == ["closed", "background"]
 
 
-class Departing(FakeClient):
+class Departing(FakeServer):
     """Also tells worker threads when the disconnect has been handed to the listener, which stops the
     response before the loop runs anything else."""
 
@@ -798,12 +646,9 @@ async def test_divergence_14_a_producer_that_cannot_take_the_stop_takes_it_at_it
             log.append("resumed")
             await anyio.sleep_forever()
         finally:
-            log.append("closed")
+            log.closed()
 
-    response = StreamingResponse(produce(), background=log.task())
-    response.cleanup_timeout = WATCHDOG * 10
-    await run(response, client)
-    assert response.outcome is Outcome.DISCONNECTED
+    await assert_stops_promptly(produce(), log, client)
     assert log.events == ["resumed", "closed", "background"]
 
 
@@ -811,7 +656,7 @@ async def test_divergence_14_a_busy_producer_is_cancelled_at_its_next_checkpoint
     """A producer that computes between checkpoints, rather than waiting, when the stop comes takes it at
     its next checkpoint (on trio through a scope of trio's own), not after ``cleanup_timeout``."""
     log = Log()
-    client = FakeClient()
+    client = FakeServer()
 
     async def produce() -> AsyncIterator[bytes]:
         try:
@@ -820,24 +665,20 @@ async def test_divergence_14_a_busy_producer_is_cancelled_at_its_next_checkpoint
             while True:
                 await anyio.lowlevel.checkpoint()
         finally:
-            log.append("closed")
+            log.closed()
 
-    response = StreamingResponse(produce(), background=log.task())
-    response.cleanup_timeout = WATCHDOG * 10
-    await run(response, client)
-    assert response.outcome is Outcome.DISCONNECTED
+    await assert_stops_promptly(produce(), log, client)
     assert log.events == ["closed", "background"]
 
 
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout is new in Python 3.11")
-async def test_divergence_14_an_asyncio_timeout_is_not_taken_for_the_stop(anyio_backend: str) -> None:
+@pytest.mark.usefixtures("asyncio_only")
+async def test_divergence_14_an_asyncio_timeout_is_not_taken_for_the_stop() -> None:
     """asyncio's own timeouts cancel natively: one that fires after the stop, while the producer sat where
     the stop could not reach it, is not the stop's cancellation, so nothing is shielded, and the stop
     lands at the producer's next await."""
-    if anyio_backend != "asyncio":
-        pytest.skip("asyncio's own timeouts")
     log = Log()
-    client = FakeClient()
+    client = FakeServer()
 
     async def produce() -> AsyncIterator[bytes]:
         try:
@@ -853,27 +694,21 @@ async def test_divergence_14_an_asyncio_timeout_is_not_taken_for_the_stop(anyio_
                 log.append("own timeout")
             await anyio.sleep_forever()
         finally:
-            log.append("closed")
+            log.closed()
 
-    response = StreamingResponse(produce(), background=log.task())
-    response.cleanup_timeout = WATCHDOG * 10
-    await run(response, client)
-    assert response.outcome is Outcome.DISCONNECTED
+    await assert_stops_promptly(produce(), log, client)
     assert log.events == ["own timeout", "closed", "background"]
 
 
-async def test_divergence_14_a_native_cancellation_of_the_request_shields_the_cleanup_too(anyio_backend: str) -> None:
+@pytest.mark.usefixtures("asyncio_only")
+async def test_divergence_14_a_native_cancellation_of_the_request_shields_the_cleanup_too() -> None:
     """A server cancelling the request's task natively (asyncio's ``task.cancel()``, as hypercorn and
     ``asyncio.run`` do) while the producer waits for its upstream: the producer's cleanup awaits to its
     end, the background task runs, and the cancellation still reaches the server."""
-    if anyio_backend != "asyncio":
-        pytest.skip("asyncio's native cancellation")
     log = Log()
-    client = FakeClient()
+    client = FakeServer()
     waiting = anyio.Event()
-    response = StreamingResponse(
-        interrupted_at_an_upstream_await(log, waiting.set, awaits_twice), background=log.task()
-    )
+    response = interrupted_at_an_upstream_await(log, waiting.set, awaits_twice)
     with anyio.fail_after(WATCHDOG):
         task = asyncio.ensure_future(response(client.scope(), client.receive, client.send))
         await waiting.wait()
@@ -890,16 +725,10 @@ async def test_divergence_14_a_cancelled_scope_around_the_response_shields_the_c
     and either way the producer's cleanup awaits to its end and the background task runs."""
     for _ in range(20 if anyio_backend == "trio" else 1):  # which task trio wakes first varies
         log = Log()
-        client = FakeClient()
+        client = FakeServer()
         waiting = anyio.Event()
-        response = StreamingResponse(
-            interrupted_at_an_upstream_await(log, waiting.set, awaits_twice), background=log.task()
-        )
-        with anyio.fail_after(WATCHDOG):
-            async with anyio.create_task_group() as server:
-                server.start_soon(response, client.scope(), client.receive, client.send)
-                await waiting.wait()
-                server.cancel_scope.cancel()
+        response = interrupted_at_an_upstream_await(log, waiting.set, awaits_twice)
+        await call_then_cancel(response, client, when=waiting.wait)
         assert response.outcome is Outcome.CANCELLED
         assert log.events == ["cleanup started", "cleanup finished", "background"]
 
@@ -926,7 +755,7 @@ async def test_a_cancelled_scope_around_the_response_sets_stopping_for_a_produce
         await stops[0].wait()
         released.set()
 
-    client = FakeClient()
+    client = FakeServer()
     response = StreamingResponse(produce())
     with anyio.fail_after(WATCHDOG * 2):
         async with anyio.create_task_group() as test:
@@ -939,13 +768,12 @@ async def test_a_cancelled_scope_around_the_response_sets_stopping_for_a_produce
     assert response.outcome is Outcome.CANCELLED
 
 
-async def test_a_cancellation_raised_by_the_producer_itself_ends_the_response(anyio_backend: str) -> None:
+@pytest.mark.usefixtures("asyncio_only")
+async def test_a_cancellation_raised_by_the_producer_itself_ends_the_response() -> None:
     """A producer that awaits a task someone else cancelled raises a ``CancelledError`` that no scope sent:
     the response ends as after an outside cancellation, quietly, instead of waiting for the client."""
-    if anyio_backend != "asyncio":
-        pytest.skip("asyncio's native cancellation")
     log = Log()
-    client = FakeClient()
+    client = FakeServer()
 
     async def produce() -> AsyncIterator[bytes]:
         try:
@@ -954,10 +782,10 @@ async def test_a_cancellation_raised_by_the_producer_itself_ends_the_response(an
             upstream.cancel()
             await upstream
         finally:
-            log.append("closed")
+            log.closed()
 
     response = StreamingResponse(produce(), background=log.task())
-    await run(response, client)
+    await call(response, client)
     assert response.outcome is Outcome.CANCELLED
     assert log.events == ["closed", "background"]
 
@@ -977,26 +805,23 @@ async def test_divergence_14_the_producers_own_timeout_firing_with_the_stop_does
             log.append("own timeout passed")
             await anyio.sleep_forever()
         finally:
-            log.append("closed")
+            log.closed()
 
-    class TimeoutWithTheDisconnect(FakeClient):
+    class TimeoutWithTheDisconnect(FakeServer):
         async def receive(self) -> Message:
             message = await super().receive()
             own_timeout.cancel()
             return message
 
     client = TimeoutWithTheDisconnect(leave_after=1)
-    response = StreamingResponse(produce(), background=log.task())
-    response.cleanup_timeout = WATCHDOG * 10
-    await run(response, client)
-    assert response.outcome is Outcome.DISCONNECTED
+    await assert_stops_promptly(produce(), log, client)
     assert log.events[-2:] == ["closed", "background"]
 
 
 async def test_divergence_14_a_producers_own_task_group_is_cancelled_too() -> None:
     """A producer waiting inside a task group of its own: its child tasks are cancelled with it, at once."""
     log = Log()
-    client = FakeClient()
+    client = FakeServer()
 
     async def child() -> None:
         try:
@@ -1014,12 +839,9 @@ async def test_divergence_14_a_producers_own_task_group_is_cancelled_too() -> No
                 client.leave()
                 await anyio.sleep_forever()
         finally:
-            log.append("closed")
+            log.closed()
 
-    response = StreamingResponse(produce(), background=log.task())
-    response.cleanup_timeout = WATCHDOG * 10
-    await run(response, client)
-    assert response.outcome is Outcome.DISCONNECTED
+    await assert_stops_promptly(produce(), log, client)
     assert log.events == ["child cancelled", "child cancelled", "closed", "background"]
 
 
@@ -1028,7 +850,7 @@ async def test_divergence_14_a_stop_that_lands_in_the_servers_send_is_the_server
     (for a client that stopped reading, then left) cuts the server's own cleanup there at its first
     await, as under Starlette."""
     log = Log()
-    client = FakeClient()
+    client = FakeServer()
 
     async def stalled_send(message: Message) -> None:
         await client.send(message)
@@ -1056,7 +878,7 @@ async def test_divergence_7_new_options_and_attributes() -> None:
     assert response.cleanup_timeout == 5.0
     assert response.outcome is None
     assert response.bytes_sent == 0
-    await run(response, FakeClient())
+    await call(response, FakeServer())
     assert response.outcome is Outcome.COMPLETED
     assert response.bytes_sent == 1
 
@@ -1075,9 +897,9 @@ async def test_stopping_is_set_when_the_stream_ends_async_producer() -> None:
         finally:
             seen.append(event.is_set())
 
-    client = FakeClient(leave_after=1)
+    client = FakeServer(leave_after=1)
     response = StreamingResponse(producer())
-    await run(response, client)
+    await call(response, client)
     assert seen == [False, True]
     with pytest.raises(LookupError):
         stopping()
@@ -1097,9 +919,9 @@ async def test_stopping_lets_a_sync_producer_stop_its_upstream() -> None:
         seen.append("upstream stopped")
         yield CHUNK
 
-    client = FakeClient()
+    client = FakeServer()
     response = StreamingResponse(producer())
-    await run(response, client)
+    await call(response, client)
     assert response.outcome is Outcome.DISCONNECTED
     assert seen == ["set=False", "upstream stopped"]
     with pytest.raises(LookupError):
@@ -1117,24 +939,10 @@ async def test_stopping_is_available_in_the_producers_finally(producer: str) -> 
         except LookupError as exc:
             seen.append(exc)
 
-    async def async_producer() -> AsyncIterator[bytes]:
-        try:
-            while True:
-                yield CHUNK
-        finally:
-            look()
-
-    def sync_producer() -> Iterator[bytes]:
-        try:
-            while True:
-                yield CHUNK
-        finally:
-            look()
-
     # The server's send() blocks, so the producer sits at a yield when the send timeout stops it.
-    client = FakeClient(block_after=1)
-    content = async_producer() if producer == "async" else sync_producer()
+    client = FakeServer(block_after=1)
+    content = producer_of("never-awaiting" if producer == "async" else "sync", itertools.repeat(CHUNK), look)
     response = StreamingResponse(content, send_timeout=0.05)
-    await run(response, client)
+    await call(response, client)
     assert response.outcome is Outcome.SEND_TIMEOUT
     assert seen == [True]

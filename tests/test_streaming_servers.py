@@ -8,12 +8,11 @@ body bytes were handed to the server's ``send()`` after its ``receive()`` return
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 
-import anyio
-import anyio.lowlevel
 import pytest
 import starlette.responses
 from starlette.background import BackgroundTask
@@ -21,8 +20,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from disconnect_responses import Outcome, StreamingResponse
 
+from .asgi import SHAPES, assert_closed_then_background, finished, producer_of
 from .servers import (
     SERVER_KINDS,
+    UVICORN_INCOMPLETE,
     Recorder,
     RunningServer,
     client_fetch,
@@ -42,7 +43,6 @@ READ_BEFORE_LEAVING = 1 << 20
 # Socket buffers on loopback hold a few MiB; anything near the body size means the stop failed.
 SENT_BOUND = 16 << 20
 SEND_TIMEOUT = 0.3
-PRODUCERS = ("awaiting", "never-awaiting", "sync")
 LENGTHS = ("large", "endless")
 HTTP1_KINDS = tuple(kind for kind in SERVER_KINDS if kind != "hypercorn-h2")
 
@@ -91,38 +91,11 @@ def make_app(recorder: Recorder) -> ASGIApp:
                 sent_after_disconnect += len(message.get("body", b""))
             await send(message)
 
-        async def awaiting() -> AsyncIterator[bytes]:
-            try:
-                for chunk in _chunks(path):
-                    await anyio.lowlevel.checkpoint()
-                    yield chunk
-            finally:
-                recorder.record("iterator closed")
-
-        async def never_awaiting() -> AsyncIterator[bytes]:
-            try:
-                for chunk in _chunks(path):
-                    yield chunk
-            finally:
-                recorder.record("iterator closed")
-
-        def sync() -> Iterator[bytes]:
-            try:
-                yield from _chunks(path)
-            finally:
-                recorder.record("iterator closed")
-
         async def background() -> None:
             recorder.record("background ran")
 
-        producers: dict[str, Callable[[], AsyncIterator[bytes] | Iterator[bytes]]] = {
-            "awaiting": awaiting,
-            "never-awaiting": never_awaiting,
-            "sync": sync,
-        }
-        content = producers[producer]()
         response = StreamingResponse(
-            content,
+            producer_of(producer, _chunks(path), functools.partial(recorder.record, "iterator closed")),
             media_type="application/octet-stream",
             background=BackgroundTask(background),
             send_timeout=SEND_TIMEOUT if scope["query_string"] == b"timeout" else None,
@@ -134,21 +107,6 @@ def make_app(recorder: Recorder) -> ASGIApp:
     return app
 
 
-def finished_response(recorder: Recorder, timeout: float = 10) -> StreamingResponse:
-    recorder.wait_for("response", timeout=timeout)
-    recorder.wait_for("background ran")
-    [response] = recorder.values("response")
-    assert isinstance(response, StreamingResponse)
-    return response
-
-
-def assert_cleaned_up(recorder: Recorder) -> None:
-    """The iterator's ``finally`` ran once, before the background task, which ran exactly once."""
-    assert recorder.count("iterator closed") == 1, recorder.names()
-    assert recorder.count("background ran") == 1, recorder.names()
-    assert recorder.index("iterator closed") < recorder.index("background ran"), recorder.names()
-
-
 def interruption_logs(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     """The "stopped" lines the library logs per interrupted response (it may log other things)."""
     return [
@@ -157,9 +115,9 @@ def interruption_logs(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecor
 
 
 def check_disconnect(recorder: Recorder, server: RunningServer, caplog: pytest.LogCaptureFixture) -> None:
-    response = finished_response(recorder)
+    response = finished(recorder, background=True)
     assert response.outcome is Outcome.DISCONNECTED
-    assert_cleaned_up(recorder)
+    assert_closed_then_background(recorder)
     # Guarantee 1: nothing, or at most the one chunk already on its way, after the disconnect.
     assert recorder.values("sent after disconnect") in ([0], [CHUNK_SIZE])
     if not server.http2:
@@ -175,7 +133,7 @@ def check_disconnect(recorder: Recorder, server: RunningServer, caplog: pytest.L
 
 
 @pytest.mark.parametrize("length", LENGTHS)
-@pytest.mark.parametrize("producer", PRODUCERS)
+@pytest.mark.parametrize("producer", SHAPES)
 @pytest.mark.parametrize("kind", SERVER_KINDS)
 def test_client_reads_part_and_leaves(
     kind: str, producer: str, length: str, recorder: Recorder, caplog: pytest.LogCaptureFixture
@@ -192,7 +150,7 @@ def test_client_reads_part_and_leaves(
     server.assert_no_errors()
 
 
-@pytest.mark.parametrize("producer", PRODUCERS)
+@pytest.mark.parametrize("producer", SHAPES)
 @pytest.mark.parametrize("kind", HTTP1_KINDS)
 def test_client_resets_the_connection(
     kind: str, producer: str, recorder: Recorder, caplog: pytest.LogCaptureFixture
@@ -202,11 +160,6 @@ def test_client_resets_the_connection(
         with partial_read(server, f"/{producer}/endless", READ_BEFORE_LEAVING, rst=True):
             check_disconnect(recorder, server, caplog)
     server.assert_no_errors()
-
-
-# uvicorn reports an app that returns before the body ended, which is what a send timeout is: the
-# client is still connected. It is a log line about a truncated response, not an exception.
-UVICORN_INCOMPLETE = "uvicorn.error ERROR: ASGI callable returned without completing response."
 
 
 STALL_KINDS = [
@@ -229,7 +182,7 @@ STALL_KINDS = [
 ]
 
 
-@pytest.mark.parametrize("producer", PRODUCERS)
+@pytest.mark.parametrize("producer", SHAPES)
 @pytest.mark.parametrize("kind", STALL_KINDS)
 def test_stalled_client_is_let_go(
     kind: str, producer: str, recorder: Recorder, caplog: pytest.LogCaptureFixture
@@ -241,17 +194,17 @@ def test_stalled_client_is_let_go(
     with serve(make_app(recorder), kind) as server:
         with client_stall(server, f"/{producer}/endless?timeout") as head:
             # Where the stall cannot be broken (an expected failure), fail fast instead of waiting long.
-            response = finished_response(recorder, timeout=1.0 if kind == "hypercorn-trio" else 10.0)
+            response = finished(recorder, timeout=1.0 if kind == "hypercorn-trio" else 10.0, background=True)
     assert head.status == 200
     assert response.outcome is Outcome.SEND_TIMEOUT
     assert 0 < response.bytes_sent < SENT_BOUND
-    assert_cleaned_up(recorder)
+    assert_closed_then_background(recorder)
     [log] = interruption_logs(caplog)
     assert "send_timeout" in log.getMessage()
     assert [error for error in server.errors() if error != UVICORN_INCOMPLETE] == []
 
 
-@pytest.mark.parametrize("producer", PRODUCERS)
+@pytest.mark.parametrize("producer", SHAPES)
 @pytest.mark.parametrize("kind", SERVER_KINDS)
 def test_client_reads_everything(
     kind: str, producer: str, recorder: Recorder, caplog: pytest.LogCaptureFixture
@@ -259,13 +212,13 @@ def test_client_reads_everything(
     """Guarantee 7: a normal run delivers the body byte for byte, completes, runs the background once."""
     with serve(make_app(recorder), kind) as server:
         result = client_fetch(server, f"/{producer}/complete")
-        response = finished_response(recorder)
+        response = finished(recorder, background=True)
     assert result.status == 200
     assert result.header("content-type") == "application/octet-stream"
     assert result.body == b"".join(COMPLETE_CHUNKS)
     assert response.outcome is Outcome.COMPLETED
     assert response.bytes_sent == len(result.body)
-    assert_cleaned_up(recorder)
+    assert_closed_then_background(recorder)
     assert interruption_logs(caplog) == []
     server.assert_no_errors()
 
@@ -289,7 +242,7 @@ def test_declared_length_and_custom_headers(kind: str, method: str, recorder: Re
 
     with serve(app, kind) as server:
         result = client_fetch(server, "/", method=method)
-        response = finished_response(recorder)
+        response = finished(recorder, background=True)
     assert result.status == 203
     assert result.header("content-length") == str(len(body))
     assert result.header("x-custom") == "yes"
