@@ -28,7 +28,7 @@ import logging
 import threading
 import time
 import types
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from contextvars import ContextVar
 from typing import Any, Literal, Protocol
 
@@ -69,7 +69,7 @@ class Outcome(str, enum.Enum):
     SEND_TIMEOUT = "send_timeout"
     """One ``send()`` blocked longer than ``send_timeout``: the client stopped reading."""
     SHUTDOWN = "shutdown"
-    """The server is shutting down."""
+    """The server is shutting down, and this open-ended stream did not end within its shutdown grace."""
     CANCELLED = "cancelled"
     """The task running the response was cancelled from outside."""
     ERROR = "error"
@@ -129,9 +129,12 @@ class Race:
     _send_began: float | None = None
     _yield_at = YIELD_EVERY_BYTES
     _final_sent = False
-    _start_headers: Iterable[tuple[bytes, bytes]] | None = None
+    _start_sent = False
+    _declared_length: int | None = None
     _cancel_scope: anyio.CancelScope | None = None
     _guard: anyio.CancelScope | None = None
+    _shutdown_grace: float | None = None
+    _shutting_down = False
 
     def __init__(self, response: Guarded, scope: Scope, receive: Receive, send: Send) -> None:
         self.loop_thread = threading.get_ident()
@@ -143,11 +146,22 @@ class Race:
         self._cleanup_timeout = response.cleanup_timeout
         self._started = time.monotonic()
 
-    async def respond(self, body: Callable[[Send], Awaitable[None]], close: Callable[[], Awaitable[None]]) -> None:
+    async def respond(
+        self,
+        body: Callable[[Send], Awaitable[None]],
+        close: Callable[[], Awaitable[None]],
+        shutdown_grace: float | None = None,
+    ) -> None:
         """Run ``body(send)`` against the disconnect, publish the outcome on the response, call
         ``close()`` to release the body's source, run the background task, then raise the body's
         error if it had one. ``stopping()`` answers throughout, the producer's ``finally`` included.
+
+        ``shutdown_grace`` makes an open-ended body end on the server's shutdown signal: at the
+        signal ``stopping()`` is set, and after ``shutdown_grace`` seconds the body is stopped
+        (``SHUTDOWN``) unless it ended by itself. ``None``, for a body of known length, leaves the
+        shutdown to the server, as under Starlette.
         """
+        self._shutdown_grace = shutdown_grace
         token = _current_race.set(self)
         try:
             try:
@@ -155,7 +169,11 @@ class Race:
             finally:
                 self._response.outcome = self.outcome
                 self._response.bytes_sent = self.bytes_sent
-                await self._finish(close)
+                try:
+                    await self._finish(close)
+                finally:
+                    if self.outcome is Outcome.SHUTDOWN:
+                        await self._end_open_body()
         finally:
             _current_race.reset(token)
         error, self.error = self.error, None
@@ -184,7 +202,7 @@ class Race:
         # Made on first use: most bodies never ask, and an event per response is not free.
         if self._stopping is None:
             self._stopping = anyio.Event()
-            if self.stopped:
+            if self.stopped or self._shutting_down:
                 self._stopping.set()
         return self._stopping
 
@@ -193,7 +211,8 @@ class Race:
             # Cancelling the task group's scope stops the body and the helpers at once.
             async with anyio.create_task_group() as task_group:
                 self._cancel_scope = task_group.cancel_scope
-                shutdown_watch.add(self._on_shutdown)
+                if self._shutdown_grace is not None:
+                    shutdown_watch.add(self._on_shutdown)
                 if self._send_timeout is not None:
                     task_group.start_soon(self._watch_sends, self._send_timeout)
                 if self._scope["type"] == "http":
@@ -207,17 +226,16 @@ class Race:
                         # reach (in a worker thread, in a shielded scope). (Looked at only then: a
                         # decided race cancels the listener itself.)
                         if not self.stopped and isinstance(exc, anyio.get_cancelled_exc_class()):
-                            self.stop(Outcome.CANCELLED)
+                            self._stop_from_outside()
                         raise
                 else:
                     await self._run_body(body)
-            if self.outcome is Outcome.SHUTDOWN:
-                await self._end_open_body()
         except anyio.get_cancelled_exc_class():
-            self.stop(Outcome.CANCELLED)
+            self._stop_from_outside()
             raise
         finally:
-            shutdown_watch.discard(self._on_shutdown)
+            if self._shutdown_grace is not None:
+                shutdown_watch.discard(self._on_shutdown)
             if self._guard is not None and self._guard.cancel_called:
                 logger.warning("Gave up waiting for the body iterator's cleanup after %s s", self._cleanup_timeout)
             if self.outcome not in (None, Outcome.COMPLETED, Outcome.ERROR):
@@ -230,7 +248,7 @@ class Race:
             # Swallowed: kept on the finished task, it would hold the body's frames in a cycle
             # (README, Design). One no scope sent (a producer awaiting a task that someone
             # cancelled) ends the response as a cancellation from outside would.
-            self.stop(Outcome.CANCELLED)
+            self._stop_from_outside()
 
     async def _run_body(self, body: Callable[[Send], Awaitable[None]]) -> None:
         assert self._cancel_scope is not None  # for mypy: set before the body starts
@@ -247,16 +265,34 @@ class Race:
         else:
             self.stop(Outcome.COMPLETED)
 
-    def _on_shutdown(self) -> None:
-        self.stop(Outcome.SHUTDOWN)
+    def _on_shutdown(self, now: float) -> None:
+        # Called back by the shutdown watch in the event loop's thread, maybe outside any task,
+        # where AnyIO's own functions may find no backend: ``now`` is the loop's clock.
+        if self.stopped or self._shutting_down:
+            return
+        assert self._cancel_scope is not None and self._shutdown_grace is not None  # registered in _run
+        if self._shutdown_grace == 0:
+            self.stop(Outcome.SHUTDOWN)
+            return
+        self._shutting_down = True
+        if self._stopping is not None:
+            self._stopping.set()
+        # The race's own scope runs out at the end of the grace: a cancellation of it that no
+        # stop() decided is this one (_stop_from_outside).
+        self._cancel_scope.deadline = now + self._shutdown_grace
+
+    def _stop_from_outside(self) -> None:
+        """Stop for a cancellation that no ``stop()`` decided: the shutdown grace ran out (the
+        race's own scope was cancelled), or someone cancelled the response (``CANCELLED``)."""
+        grace_over = self._cancel_scope is not None and self._cancel_scope.cancel_called
+        self.stop(Outcome.SHUTDOWN if grace_over else Outcome.CANCELLED)
 
     async def _end_open_body(self) -> None:
-        # An endless stream (no content-length) ends with a proper last chunk, so that the server
-        # can close the connection and exit, and an event-stream client sees a clean end and
-        # reconnects; a body of declared length is left short for the server to close.
-        if self._start_headers is None or self._final_sent:
-            return
-        if any(name.lower() == b"content-length" for name, _ in self._start_headers):
+        # An open-ended stream (only those are shut down) ends with a proper last chunk, so that
+        # the server can close the connection and exit, and an event-stream client sees a clean
+        # end and reconnects. It goes last, after the cleanup: granian ends a worker that is
+        # shutting down once its responses are complete, whether or not the app has returned.
+        if not self._start_sent or self._final_sent:
             return
         with anyio.move_on_after(self._cleanup_timeout):
             try:
@@ -303,9 +339,10 @@ class Race:
                 error = exc
             if not self._sending and not guard.shield and takes_stop(guard, suspended, message, error):
                 if not self.stopped:
-                    # A cancelled scope around the whole response (the server's, on trio) can
-                    # reach the body before the listener: it is the same stop, seen first here.
-                    self.stop(Outcome.CANCELLED)
+                    # A cancelled scope around the whole response (the server's, on trio), or the
+                    # end of the shutdown grace, can reach the body before the listener: it is the
+                    # same stop, seen first here.
+                    self._stop_from_outside()
                 guard.shield = True
                 guard.deadline = anyio.current_time() + self._cleanup_timeout
 
@@ -317,7 +354,10 @@ class Race:
         self._sending = True  # for drive(): a wait in here is not the producer's
         try:
             if message["type"] == "http.response.start":
-                self._start_headers = message.get("headers", ())
+                self._start_sent = True
+                for name, value in message.get("headers", ()):
+                    if name == b"content-length" and value.isdigit():
+                        self._declared_length = int(value)
                 await self._send(message)
                 if self.stopped:
                     raise _Stopped
@@ -331,6 +371,10 @@ class Race:
             await self._send(message)
             self._send_began = None
             sent = self.bytes_sent = self.bytes_sent + len(message.get("body", b""))
+            if sent == self._declared_length:
+                # Every declared byte is out: a server may call that the end (granian reports the
+                # disconnect at once), before the empty last message.
+                self._final_sent = True
             if more_body:
                 if self.stopped:
                     # The race was decided while this send waited: pull nothing more from the producer.
@@ -339,7 +383,7 @@ class Race:
                     self._yield_at = sent + YIELD_EVERY_BYTES
                     await anyio.lowlevel.checkpoint()
         except CLIENT_GONE:
-            self.stop(Outcome.DISCONNECTED)
+            self.stop(Outcome.COMPLETED if self.bytes_sent == self._declared_length else Outcome.DISCONNECTED)
             raise _Stopped from None
         finally:
             self._sending = False

@@ -1,9 +1,12 @@
-"""The shutdown watch: a server's SIGINT or SIGTERM reaches the responses it is waiting for.
+"""The shutdown watch: a server's SIGINT or SIGTERM reaches the open-ended streams it waits for.
 
-Private. A response registers a callback with ``shutdown_watch.add`` while it streams and
-removes it with ``discard``; the watch knows nothing else about responses. It chains a handler in
-front of the one the server installed, so the server's own shutdown goes on as before. Changes
-when servers change how they install their signal handlers.
+Private. An open-ended stream registers a callback with ``shutdown_watch.add`` while it runs and
+removes it with ``discard``; the watch knows nothing else about responses (what the callback does,
+the grace before the stream is ended, is the race's). It chains a handler in front of the one the
+server installed, so the server's own shutdown goes on as before: responses of known length finish
+in the server's graceful window, as under Starlette. Also here: the process-wide default grace,
+from ``DISCONNECT_RESPONSES_SHUTDOWN_GRACE``. Changes when servers change how they install their
+signal handlers.
 
 Pinned assumptions (``tests/test_assumptions.py``):
 
@@ -12,20 +15,44 @@ S1. uvicorn installs its handlers with ``signal.signal`` in the main thread of e
     Python handler in ``signal.getsignal()`` and wakes the loop through the wakeup fd, which a
     handler chained in front of it does not disturb.
 S2. ``loop.call_soon_threadsafe`` and trio's ``TrioToken.run_sync_soon`` may be called from a
-    signal handler.
+    signal handler; the callback they run may read the loop's clock (``loop.time()``,
+    ``trio.current_time()``) and set a cancel scope's deadline in it. AnyIO's own functions are not
+    usable there: under uvloop it finds no backend outside a task.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import FrameType
 
 logger = logging.getLogger("disconnect_responses")
+
+GRACE_VARIABLE = "DISCONNECT_RESPONSES_SHUTDOWN_GRACE"
+
+
+def grace_from_environment(environ: Mapping[str, str] = os.environ) -> float:
+    """The default shutdown grace in seconds: ``$DISCONNECT_RESPONSES_SHUTDOWN_GRACE``, else 0."""
+    value = environ.get(GRACE_VARIABLE, "").strip()
+    return 0.0 if not value else checked_grace(value, GRACE_VARIABLE)
+
+
+def checked_grace(value: object, name: str) -> float:
+    """``value`` as a grace in seconds; ``ValueError`` naming ``name`` unless it is a number >= 0."""
+    try:
+        grace = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        grace = math.nan
+    if not grace >= 0 or math.isinf(grace):
+        raise ValueError(f"{name} must be a finite number of seconds >= 0, not {value!r}")
+    return grace
+
 
 _SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -43,45 +70,47 @@ class _ChainedHandler:
 
 
 class ShutdownWatch:
-    """Stops live responses when the server process is told to shut down.
+    """Calls registered responses back when the server process is told to shut down.
 
-    Servers that shut down gracefully on SIGINT/SIGTERM (uvicorn, hypercorn serving in-process)
-    wait for open responses to finish, so an endless stream keeps them alive until a second signal
-    (uvicorn #451). Each response, as it starts, makes sure the handler installed by the server is
-    chained behind ours. Where no such handler exists in this process (hypercorn's CLI worker, a
-    server running outside the main thread), the server's own cancellation is the only way out;
-    that is logged once, and the cancellation path still closes iterators and runs background tasks.
+    Servers that shut down gracefully on SIGINT/SIGTERM (uvicorn, gunicorn's uvicorn worker,
+    granian, hypercorn serving in-process) wait for open responses to finish, so an endless stream
+    keeps them alive until a second signal (uvicorn #451). Each registration makes sure the handler
+    installed by the server is chained behind ours. Where no such handler exists in this process
+    (hypercorn's CLI worker, a server running outside the main thread), the server's own
+    cancellation is the only way out; that is logged once, and the cancellation path still closes
+    iterators and runs background tasks.
     """
 
     def __init__(self) -> None:
-        self._live: dict[Callable[[], object], Callable[..., object]] = {}
+        self._live: dict[Callable[[float], object], tuple[Callable[..., object], Callable[[], float]]] = {}
         self._checked_for: object = None
         self._hooked_now = False
         self._stopping_all = False
         self._fallback_logged = False
 
-    def add(self, on_shutdown: Callable[[], object]) -> None:
-        """Call ``on_shutdown()`` in this event loop's thread when the shutdown signal arrives (at
-        once if it has already arrived), until ``discard(on_shutdown)``."""
-        owner, call_soon = _thread_safe_caller()
+    def add(self, on_shutdown: Callable[[float], object]) -> None:
+        """Call ``on_shutdown(now)`` in this event loop's thread when the shutdown signal arrives (at
+        once if it has already arrived), until ``discard(on_shutdown)``; ``now`` is the time on the
+        loop's clock, the one its cancel scopes' deadlines are in."""
+        owner, call_soon, clock = _loop_access()
         if owner is not self._checked_for:
             # Looking at the handlers costs more than a small response: once per event loop.
             self._checked_for = owner
             self._hooked_now = self._hook()
         if self._hooked_now:
             if self._stopping_all:
-                on_shutdown()
-            self._live[on_shutdown] = call_soon
+                on_shutdown(clock())
+            self._live[on_shutdown] = call_soon, clock
 
-    def discard(self, on_shutdown: Callable[[], object]) -> None:
+    def discard(self, on_shutdown: Callable[[float], object]) -> None:
         self._live.pop(on_shutdown, None)
 
     def shut_down(self) -> None:
         # Runs inside a signal handler, between two bytecodes of whatever the main thread was
         # doing: only hand the work to each response's event loop.
         self._stopping_all = True
-        for on_shutdown, call_soon in list(self._live.items()):
-            call_soon(on_shutdown)
+        for on_shutdown, (call_soon, clock) in list(self._live.items()):
+            call_soon(_call_with_time, on_shutdown, clock)
 
     def _hook(self) -> bool:
         if threading.current_thread() is not threading.main_thread():
@@ -105,14 +134,20 @@ class ShutdownWatch:
             logger.info("Streams cannot stop on a shutdown signal (%s); they end when the server cancels them", reason)
 
 
-def _thread_safe_caller() -> tuple[object, Callable[..., object]]:
-    """The running event loop (or trio token), and its way to run a callback from a signal handler."""
+def _loop_access() -> tuple[object, Callable[..., object], Callable[[], float]]:
+    """The running event loop (or trio token), its way to run a callback from a signal handler, and
+    its clock."""
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
-        token = sys.modules["trio"].lowlevel.current_trio_token()
-        return token, token.run_sync_soon
-    return loop, loop.call_soon_threadsafe
+        trio = sys.modules["trio"]
+        token = trio.lowlevel.current_trio_token()
+        return token, token.run_sync_soon, trio.current_time
+    return loop, loop.call_soon_threadsafe, loop.time
+
+
+def _call_with_time(on_shutdown: Callable[[float], object], clock: Callable[[], float]) -> None:
+    on_shutdown(clock())
 
 
 shutdown_watch = ShutdownWatch()

@@ -59,7 +59,7 @@ ends. Intentional divergences from Starlette, each covered by a test that names 
     Starlette returns before it for a bad range and raises for a missing file.
     ``http.response.pathsend`` counts the file size in ``bytes_sent``.
 
-``StreamingResponse`` also diverges in this way:
+``StreamingResponse`` also diverges in these ways:
 
 14. A producer stopped while it awaits its upstream takes the cancellation once, where it waits:
     from there its own cleanup (a ``finally``, an ``__aexit__`` that closes a client or releases
@@ -68,6 +68,12 @@ ends. Intentional divergences from Starlette, each covered by a test that names 
     level-triggered (AnyIO's), so that cleanup is cut at its first await.
     Where the stop arrives through a cancelled scope of the producer's own, the cleanup runs as
     under Starlette (README, "Stopping upstream work").
+15. On the server's shutdown signal (SIGINT or SIGTERM reaching the app's process), an open-ended
+    stream (no ``content-length`` header) has ``stopping()`` set at once, and unless it ends by
+    itself within ``shutdown_grace`` seconds (0 by default) it is stopped (``SHUTDOWN``) and ended
+    with a proper last chunk, so the server can exit: under Starlette it keeps the server alive
+    until a second signal. A response with a ``content-length`` (and every ``FileResponse``) is
+    left to finish within the server's graceful window, as under Starlette.
 """
 
 from __future__ import annotations
@@ -87,6 +93,7 @@ from starlette.types import Receive, Scope, Send
 from ._file import FileTransfer
 from ._iterate import SyncIterator, close_iterator
 from ._race import BackgroundPolicy, Outcome, Race
+from ._shutdown import checked_grace, grace_from_environment
 from ._starlette import generate_multipart
 
 
@@ -94,12 +101,15 @@ class StreamingResponse(starlette.responses.StreamingResponse):
     """Starlette's ``StreamingResponse`` that ends promptly and cleanly when the client goes away.
 
     Extra keyword-only arguments: ``send_timeout`` (seconds one ``send()`` may block before the
-    client counts as stalled; ``None``, the default, waits forever) and ``background_policy``
-    (``"always"``, the default, or ``"completed"``). After the call, ``outcome`` says how the body
-    ended and ``bytes_sent`` how many body bytes were handed to the server.
+    client counts as stalled; ``None``, the default, waits forever), ``background_policy``
+    (``"always"``, the default, or ``"completed"``) and ``shutdown_grace`` (seconds an open-ended
+    stream may run on after the server's shutdown signal; the class attribute by default). After
+    the call, ``outcome`` says how the body ended and ``bytes_sent`` how many body bytes were
+    handed to the server.
     """
 
     cleanup_timeout: float = 5.0
+    shutdown_grace: float = grace_from_environment()  # divergence 15
 
     def __init__(
         self,
@@ -111,12 +121,15 @@ class StreamingResponse(starlette.responses.StreamingResponse):
         *,
         send_timeout: float | None = None,
         background_policy: BackgroundPolicy = "always",
+        shutdown_grace: float | None = None,
     ) -> None:
         super().__init__(content, status_code, headers, media_type, background)
         if not isinstance(content, AsyncIterable):  # divergence 5
             self.body_iterator = SyncIterator(content)
         self.send_timeout = send_timeout
         self.background_policy: BackgroundPolicy = background_policy
+        if shutdown_grace is not None:
+            self.shutdown_grace = checked_grace(shutdown_grace, "shutdown_grace")
         self.outcome: Outcome | None = None
         self.bytes_sent = 0
 
@@ -128,7 +141,9 @@ class StreamingResponse(starlette.responses.StreamingResponse):
             # the producer's cleanup if the response stops while the producer awaits.
             return race.drive(self.stream_response(send))
 
-        await race.respond(body, partial(close_iterator, self.body_iterator))
+        open_ended = all(name != b"content-length" for name, _ in self.raw_headers)
+        shutdown_grace = self.shutdown_grace if open_ended else None  # divergence 15
+        await race.respond(body, partial(close_iterator, self.body_iterator), shutdown_grace)
 
 
 class FileResponse(starlette.responses.FileResponse):

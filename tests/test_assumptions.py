@@ -198,6 +198,39 @@ def test_s1_a_handler_chained_in_front_of_add_signal_handler_keeps_the_loop_s(ne
     assert chained == [signal.SIGUSR1], broken("S1 (our handler runs first)", chained)
 
 
+@pytest.mark.parametrize("new_loop", _loop_factories())
+def test_s2_a_loop_callback_can_set_a_deadline_in_the_loop_s_clock(new_loop: Callable[[], Any]) -> None:
+    async def main() -> anyio.CancelScope:
+        loop = asyncio.get_running_loop()
+        with anyio.CancelScope() as scope:
+            loop.call_soon_threadsafe(lambda: setattr(scope, "deadline", loop.time() + 0.001))
+            await anyio.sleep(WATCHDOG)
+        return scope
+
+    loop = new_loop()
+    try:
+        scope = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert scope.cancelled_caught and scope.cancel_called, broken(
+        "S2 (a deadline set from a loop callback, in loop.time())", (scope.cancelled_caught, scope.cancel_called)
+    )
+
+
+def test_s2_a_trio_callback_can_set_a_deadline_in_trio_s_clock() -> None:
+    async def main() -> anyio.CancelScope:
+        token = trio.lowlevel.current_trio_token()
+        with anyio.CancelScope() as scope:
+            token.run_sync_soon(lambda: setattr(scope, "deadline", trio.current_time() + 0.001))
+            await anyio.sleep(WATCHDOG)
+        return scope
+
+    scope = anyio.run(main, backend="trio")
+    assert scope.cancelled_caught and scope.cancel_called, broken(
+        "S2 (a deadline set from run_sync_soon, in trio.current_time())", (scope.cancelled_caught, scope.cancel_called)
+    )
+
+
 def test_s2_a_signal_handler_can_hand_work_to_a_trio_loop() -> None:
     async def main() -> None:
         token = trio.lowlevel.current_trio_token()
