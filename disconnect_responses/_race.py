@@ -79,6 +79,9 @@ class Outcome(str, enum.Enum):
 
 
 _current_race: ContextVar[Race] = ContextVar("disconnect_responses.race")
+# Told of each response as its call starts, by disconnect_responses.testing, which reads its
+# outcome once the app has returned.
+observer: ContextVar[Callable[[Guarded], None] | None] = ContextVar("disconnect_responses.observer", default=None)
 
 
 def stopping() -> anyio.Event:
@@ -162,6 +165,9 @@ class Race:
         shutdown to the server, as under Starlette.
         """
         self._shutdown_grace = shutdown_grace
+        observe = observer.get()
+        if observe is not None:
+            observe(self._response)
         token = _current_race.set(self)
         try:
             try:

@@ -23,13 +23,14 @@ S2. ``loop.call_soon_threadsafe`` and trio's ``TrioToken.run_sync_soon`` may be 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from types import FrameType
 
 logger = logging.getLogger("disconnect_responses")
@@ -87,6 +88,7 @@ class ShutdownWatch:
         self._hooked_now = False
         self._stopping_all = False
         self._fallback_logged = False
+        self._simulations = 0
 
     def add(self, on_shutdown: Callable[[float], object]) -> None:
         """Call ``on_shutdown(now)`` in this event loop's thread when the shutdown signal arrives (at
@@ -97,7 +99,7 @@ class ShutdownWatch:
             # Looking at the handlers costs more than a small response: once per event loop.
             self._checked_for = owner
             self._hooked_now = self._hook()
-        if self._hooked_now:
+        if self._hooked_now or self._simulations:
             if self._stopping_all:
                 on_shutdown(clock())
             self._live[on_shutdown] = call_soon, clock
@@ -111,6 +113,21 @@ class ShutdownWatch:
         self._stopping_all = True
         for on_shutdown, (call_soon, clock) in list(self._live.items()):
             call_soon(_call_with_time, on_shutdown, clock)
+
+    @contextlib.contextmanager
+    def simulation(self) -> Iterator[None]:
+        """While open, responses register whatever signal handlers the process has, and
+        ``shut_down()`` may be called directly (disconnect_responses.testing). A simulation starts
+        before any shutdown, and on exit the shutdown is over."""
+        if not self._simulations:
+            self._stopping_all = False
+        self._simulations += 1
+        try:
+            yield
+        finally:
+            self._simulations -= 1
+            if not self._simulations:
+                self._stopping_all = False
 
     def _hook(self) -> bool:
         if threading.current_thread() is not threading.main_thread():

@@ -9,11 +9,6 @@ import pytest
 from .servers import OpenedFiles, Recorder
 
 
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
 @pytest.fixture
 def opened(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> OpenedFiles:
     """Records every descriptor opened for a file under ``tmp_path``, by wrapping ``os.open``."""

@@ -20,6 +20,7 @@ import starlette.responses
 from starlette.types import Message, Scope
 
 from disconnect_responses import FileResponse, Outcome
+from disconnect_responses.testing import request
 
 from .asgi import messages_of
 from .servers import http_scope
@@ -175,18 +176,16 @@ async def test_head_sends_headers_only(file: Path, data: bytes) -> None:
 
 
 async def test_single_range(file: Path, data: bytes) -> None:
-    messages = await messages_of(FileResponse(file), http_scope([("range", "bytes=-100")]))
-    assert messages[0]["status"] == 206
-    assert header(messages, "content-range") == f"bytes {SIZE - 100}-{SIZE - 1}/{SIZE}"
-    assert header(messages, "content-length") == "100"
-    assert b"".join(message["body"] for message in messages[1:]) == data[-100:]
+    result = await request(FileResponse(file), headers={"range": "bytes=-100"})
+    assert result.status == 206
+    assert result.headers["content-range"] == f"bytes {SIZE - 100}-{SIZE - 1}/{SIZE}"
+    assert result.headers["content-length"] == "100"
+    assert result.body == data[-100:]
 
 
 async def test_multiple_ranges_use_crlf_framing(file: Path, data: bytes) -> None:
-    messages = await messages_of(FileResponse(file), http_scope([("range", "bytes=20-29,0-9,5-14")]))
-    content_type = header(messages, "content-type")
-    assert content_type is not None
-    boundary = content_type.removeprefix("multipart/byteranges; boundary=")
+    result = await request(FileResponse(file), headers={"range": "bytes=20-29,0-9,5-14"})
+    boundary = result.headers["content-type"].removeprefix("multipart/byteranges; boundary=")
     assert re.fullmatch("[0-9a-f]{26}", boundary)
     expected = (
         f"--{boundary}\r\nContent-Type: application/octet-stream\r\nContent-Range: bytes 0-14/{SIZE}\r\n\r\n".encode()
@@ -196,9 +195,8 @@ async def test_multiple_ranges_use_crlf_framing(file: Path, data: bytes) -> None
         + data[20:30]
         + f"\r\n--{boundary}--".encode()
     )
-    body = b"".join(message["body"] for message in messages[1:])
-    assert body == expected
-    assert header(messages, "content-length") == str(len(expected))
+    assert result.body == expected
+    assert result.headers["content-length"] == str(len(expected))
 
 
 async def test_416_names_the_size(file: Path, data: bytes) -> None:
@@ -226,28 +224,25 @@ async def test_400_for_a_malformed_range(file: Path, value: str, text: bytes) ->
 
 async def test_too_many_ranges_send_the_whole_file(file: Path, data: bytes) -> None:
     ranges = ",".join(f"{n}-{n}" for n in range(0, 202, 2))
-    messages = await messages_of(FileResponse(file), http_scope([("range", f"bytes={ranges}")]))
-    assert messages[0]["status"] == 200
-    assert b"".join(message["body"] for message in messages[1:]) == data
+    result = await request(FileResponse(file), headers={"range": f"bytes={ranges}"})
+    assert (result.status, result.body) == (200, data)
 
 
 async def test_if_range_mismatch_sends_the_whole_file(file: Path, data: bytes) -> None:
-    messages = await messages_of(FileResponse(file), http_scope([("range", "bytes=0-9"), ("if-range", '"other"')]))
-    assert messages[0]["status"] == 200
-    matched = await messages_of(FileResponse(file), http_scope([("range", "bytes=0-9"), ("if-range", etag_of(file))]))
-    assert matched[0]["status"] == 206
+    mismatched = await request(FileResponse(file), headers={"range": "bytes=0-9", "if-range": '"other"'})
+    assert mismatched.status == 200
+    matched = await request(FileResponse(file), headers={"range": "bytes=0-9", "if-range": etag_of(file)})
+    assert matched.status == 206
 
 
 async def test_content_disposition(file: Path, data: bytes) -> None:
-    plain = await messages_of(FileResponse(file, filename="a b.txt"), http_scope())
-    assert header(plain, "content-disposition") == "attachment; filename*=utf-8''a%20b.txt"
-    assert header(plain, "content-type") == "text/plain; charset=utf-8"
-    ascii_name = await messages_of(
-        FileResponse(file, filename="ab.txt", content_disposition_type="inline"), http_scope()
-    )
-    assert header(ascii_name, "content-disposition") == 'inline; filename="ab.txt"'
-    accented = await messages_of(FileResponse(file, filename="été.bin"), http_scope())
-    assert header(accented, "content-disposition") == "attachment; filename*=utf-8''%C3%A9t%C3%A9.bin"
+    plain = await request(FileResponse(file, filename="a b.txt"))
+    assert plain.headers["content-disposition"] == "attachment; filename*=utf-8''a%20b.txt"
+    assert plain.headers["content-type"] == "text/plain; charset=utf-8"
+    ascii_name = await request(FileResponse(file, filename="ab.txt", content_disposition_type="inline"))
+    assert ascii_name.headers["content-disposition"] == 'inline; filename="ab.txt"'
+    accented = await request(FileResponse(file, filename="été.bin"))
+    assert accented.headers["content-disposition"] == "attachment; filename*=utf-8''%C3%A9t%C3%A9.bin"
 
 
 async def test_divergence_12_unknown_type_is_octet_stream_on_every_starlette(tmp_path: Path) -> None:

@@ -261,16 +261,24 @@ def test_one_signal_ends_endless_streams(kind: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize("kind", SIGNALLED_KINDS)
 def test_streams_get_their_grace(kind: str, tmp_path: Path) -> None:
     """With a grace from the environment, a stream that ends by itself at ``stopping()`` completes with
-    its own last event; one that runs on is ended once the grace is over."""
+    its own last event; one that runs on is ended once the grace is over.
+
+    granian may cut a response that completes while it shuts down between its last item and its
+    empty last message, and then never exit (README, "What servers leave to them"; seen once in
+    twenty runs under load, never alone): there the test holds the library to the stream it ends."""
     grace = 1.0
-    with server_process(kind, tmp_path, grace=grace) as server:
-        with open_stream(server.port, "/cooperative") as cooperative, open_stream(server.port, "/async") as endless:
-            took = server.signal_and_wait()
-            assert b"data: bye" in stream_ended(cooperative)
-            stream_ended(endless)
+    cooperative = not kind.startswith("granian")
+    with server_process(kind, tmp_path, grace=grace) as server, ExitStack() as streams:
+        endless = streams.enter_context(open_stream(server.port, "/async"))
+        finishing = streams.enter_context(open_stream(server.port, "/cooperative")) if cooperative else None
+        took = server.signal_and_wait()
+        stream_ended(endless)
+        if finishing is not None:
+            assert b"data: bye" in stream_ended(finishing)
     events = server.events()
-    assert "background /cooperative completed" in events, events
     assert "background /async shutdown" in events, events
+    if cooperative:
+        assert "background /cooperative completed" in events, events
     assert took < grace + EXIT_BOUND, f"{kind} took {took:.2f} s to exit after one SIGTERM"
     assert not server.errors(), server.errors()
 

@@ -44,6 +44,7 @@ def sigterm() -> Iterator[Callable[[], None]]:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         shutdown_watch._checked_for = None
+        shutdown_watch._stopping_all = False
     assert received in ([], [signal.SIGTERM]), "the server's own handler runs once per signal"
 
 
