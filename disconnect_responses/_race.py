@@ -242,6 +242,9 @@ class Race:
         finally:
             if self._shutdown_grace is not None:
                 shutdown_watch.discard(self._on_shutdown)
+            if self.outcome is Outcome.DISCONNECTED and self.bytes_sent == self._declared_length:
+                # Every declared byte reached the server: delivered, whatever it reported meanwhile.
+                self.outcome = Outcome.COMPLETED
             if self._guard is not None and self._guard.cancel_called:
                 logger.warning("Gave up waiting for the body iterator's cleanup after %s s", self._cleanup_timeout)
             if self.outcome not in (None, Outcome.COMPLETED, Outcome.ERROR):
@@ -379,7 +382,7 @@ class Race:
             sent = self.bytes_sent = self.bytes_sent + len(message.get("body", b""))
             if sent == self._declared_length:
                 # Every declared byte is out: a server may call that the end (granian reports the
-                # disconnect at once), before the empty last message.
+                # disconnect at once), before the empty last message (see _run).
                 self._final_sent = True
             if more_body:
                 if self.stopped:
@@ -389,7 +392,7 @@ class Race:
                     self._yield_at = sent + YIELD_EVERY_BYTES
                     await anyio.lowlevel.checkpoint()
         except CLIENT_GONE:
-            self.stop(Outcome.COMPLETED if self.bytes_sent == self._declared_length else Outcome.DISCONNECTED)
+            self.stop(Outcome.DISCONNECTED)
             raise _Stopped from None
         finally:
             self._sending = False

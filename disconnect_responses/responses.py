@@ -7,7 +7,9 @@ ends. Intentional divergences from Starlette, each covered by a test that names 
 1. The disconnect listener runs on every ASGI spec version. Starlette skips it from 2.4 on and
    relies on ``send()`` raising, which never happens while a producer waits for its upstream.
 2. ``OSError`` or ``ClientDisconnect`` from ``send()`` ends the response quietly as a
-   disconnect instead of escaping to the server log: the client is gone, nothing failed.
+   disconnect instead of escaping to the server log: the client is gone, nothing failed. Once
+   every byte of a declared ``content-length`` was handed over, the response is ``COMPLETED``
+   whatever the server reports after (granian reports the disconnect before the empty last message).
 3. The guarded ``send`` gives the event loop a turn every 512 KiB, so a producer that never
    awaits cannot starve the listener and push the rest of its body into a dead socket; once the
    disconnect is known, no further chunk is handed to the server.

@@ -195,6 +195,29 @@ async def test_divergence_2_oserror_from_send_before_any_disconnect_message() ->
     assert log.events == ["closed", "background"]
 
 
+@pytest.mark.parametrize("spec_version", ["2.3", "2.4"])
+async def test_divergence_2_a_disconnect_after_every_declared_byte_is_completed(spec_version: str) -> None:
+    """The client goes once the last declared byte is out, before the empty last message (granian
+    reports that at once): the response was delivered, so it is ``COMPLETED``, whether the
+    disconnect arrives first (2.3) or the last message is refused with ``OSError`` (2.4)."""
+    log = Log()
+    client = FakeServer(spec_version)
+
+    async def sized() -> AsyncIterator[bytes]:
+        try:
+            yield b"a" * 10
+            yield b"b" * 10
+            client.leave()
+            await anyio.wait_all_tasks_blocked()  # the listener has seen the disconnect
+        finally:
+            log.events.append("closed")
+
+    response = StreamingResponse(sized(), headers={"content-length": "20"}, background=log.task())
+    await call(response, client)
+    assert response.outcome is Outcome.COMPLETED and response.bytes_sent == 20
+    assert log.events == ["closed", "background"]
+
+
 @pytest.mark.parametrize("spec_version", SPEC_VERSIONS)
 async def test_divergence_2_client_disconnect_from_send_ends_quietly(spec_version: str | None) -> None:
     """A ``send()`` that raises Starlette's ``ClientDisconnect`` (a wrapping middleware) is a disconnect too."""
