@@ -82,6 +82,14 @@ KINDS = [
     "granian",
     "granian-workers",
 ]
+# Each worker of these logs the line once it serves; a signal while one still boots can leave it
+# running (granian never stops a worker that starts after the shutdown began).
+WORKERS_READY = {
+    "uvicorn-workers": ("Application startup complete.", 2),
+    "gunicorn": ("Application startup complete.", 2),
+    "granian": ("Started worker-", 1),
+    "granian-workers": ("Started worker-", 2),
+}
 # Where the signal reaches the process that runs the app.
 SIGNALLED_KINDS = [kind for kind in KINDS if not kind.endswith("-cli") or kind == "uvicorn-cli"]
 
@@ -129,17 +137,23 @@ def free_port() -> int:
 
 
 def wait_until_answering(server: Server) -> None:
+    """Until the server answers, and each of its workers has said it serves."""
+    line, workers = WORKERS_READY.get(server.kind, ("", 0))
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline and server.process.poll() is None:
-        try:
-            with socket.create_connection(("127.0.0.1", server.port), timeout=1.0) as sock:
-                sock.sendall(b"GET /ready HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-                if sock.recv(64).startswith(b"HTTP/1.1 204"):
-                    return
-        except OSError:
-            pass
+        if sum(line in logged for logged in server.output) >= workers and answers(server.port):
+            return
         time.sleep(0.05)  # polling a server that is starting up; not a sequencing sleep
-    raise AssertionError(f"{server.kind} did not answer:\n{''.join(server.output)}")
+    raise AssertionError(f"{server.kind} did not start:\n{''.join(server.output)}")
+
+
+def answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1.0) as sock:
+            sock.sendall(b"GET /ready HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+            return sock.recv(64).startswith(b"HTTP/1.1 204")
+    except OSError:
+        return False
 
 
 def leftover_processes(group: int) -> list[int]:
