@@ -122,6 +122,8 @@ class _Connection:
         self.status: int | None = None
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.body = bytearray()
+        self.events = 0
+        self._unscanned = 0  # where the body's last incomplete event block starts
         self.complete = False
         self.bytes_after_leaving = 0
         self.waiting_in: str | None = None
@@ -183,7 +185,8 @@ class _Connection:
 
     def _on_received(self) -> None:
         received = len(self.body)
-        events = _count_events(self.body) if self.client.leaves_after_events or self.shutdown else 0
+        new, self._unscanned = _events_completed(self.body, self._unscanned)
+        events = self.events = self.events + new
         if self.shutdown is not None:
             unit, count = self.shutdown
             if (received if unit == "bytes" else events) >= count:
@@ -217,10 +220,11 @@ _BLOCK_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 _DATA_FIELD = re.compile(rb"(?:^|[\r\n])data(?::|[\r\n]|$)")
 
 
-def _count_events(body: bytes | bytearray) -> int:
-    """Complete Server-Sent Events in ``body``: blocks ended by a blank line with a ``data`` field."""
-    blocks = _BLOCK_END.split(bytes(body))[:-1]
-    return sum(1 for block in blocks if _DATA_FIELD.search(block))
+def _events_completed(body: bytes | bytearray, start: int) -> tuple[int, int]:
+    """The Server-Sent Events (blocks ended by a blank line, with a ``data`` field) completed in
+    ``body[start:]``, and where the incomplete rest begins: each message is scanned once."""
+    *blocks, rest = _BLOCK_END.split(bytes(body[start:]))
+    return sum(1 for block in blocks if _DATA_FIELD.search(block)), len(body) - len(rest)
 
 
 async def request(

@@ -15,7 +15,7 @@ from starlette.background import BackgroundTask
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from disconnect_responses import Outcome, StreamingResponse
-from disconnect_responses.testing import Client, _count_events, request
+from disconnect_responses.testing import Client, _events_completed, request
 
 pytestmark = pytest.mark.anyio
 
@@ -160,4 +160,9 @@ def test_a_client_does_one_thing() -> None:
 
 def test_events_are_blocks_with_data() -> None:
     body = b": ping\n\ndata: a\n\nevent: x\r\ndata\r\n\r\nid: 1\rdata: b\r\rdata: incomplete\n"
-    assert _count_events(body) == 3
+    assert _events_completed(body, 0) == (3, body.index(b"data: incomplete"))
+    counted, start = 0, 0
+    for end in range(1, len(body) + 1):  # one byte at a time, as messages may split anything
+        new, start = _events_completed(body[:end], start)
+        counted += new
+    assert (counted, start) == (3, body.index(b"data: incomplete"))
