@@ -2,8 +2,18 @@
 the client goes away."""
 
 from ._race import Outcome, stopping
-from .responses import FileResponse, StreamingResponse
+from ._sse import JSONServerSentEvent, ServerSentEvent
+from .responses import EventSourceResponse, FileResponse, StreamingResponse
 
 __version__ = "0.1.0"
 
-__all__ = ["FileResponse", "Outcome", "StreamingResponse", "__version__", "stopping"]
+__all__ = [
+    "EventSourceResponse",
+    "FileResponse",
+    "JSONServerSentEvent",
+    "Outcome",
+    "ServerSentEvent",
+    "StreamingResponse",
+    "__version__",
+    "stopping",
+]

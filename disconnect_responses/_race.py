@@ -28,7 +28,7 @@ import logging
 import threading
 import time
 import types
-from collections.abc import Awaitable, Callable, Coroutine, Generator
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from contextvars import ContextVar
 from typing import Any, Literal, Protocol
 
@@ -138,6 +138,8 @@ class Race:
     _guard: anyio.CancelScope | None = None
     _shutdown_grace: float | None = None
     _shutting_down = False
+    _beside: Sequence[Callable[[], Awaitable[None]]] = ()
+    _send_lock: anyio.Lock | None = None
 
     def __init__(self, response: Guarded, scope: Scope, receive: Receive, send: Send) -> None:
         self.loop_thread = threading.get_ident()
@@ -154,6 +156,7 @@ class Race:
         body: Callable[[Send], Awaitable[None]],
         close: Callable[[], Awaitable[None]],
         shutdown_grace: float | None = None,
+        beside: Sequence[Callable[[], Awaitable[None]]] = (),
     ) -> None:
         """Run ``body(send)`` against the disconnect, publish the outcome on the response, call
         ``close()`` to release the body's source, run the background task, then raise the body's
@@ -163,8 +166,14 @@ class Race:
         signal ``stopping()`` is set, and after ``shutdown_grace`` seconds the body is stopped
         (``SHUTDOWN``) unless it ended by itself. ``None``, for a body of known length, leaves the
         shutdown to the server, as under Starlette.
+
+        Each of ``beside`` runs in a task of its own beside the body until the response ends (an
+        event stream's ping); one that sends uses ``send_beside``, which takes turns with the body.
         """
         self._shutdown_grace = shutdown_grace
+        if beside:
+            self._beside = beside
+            self._send_lock = anyio.Lock()
         observe = observer.get()
         if observe is not None:
             observe(self._response)
@@ -221,6 +230,8 @@ class Race:
                     shutdown_watch.add(self._on_shutdown)
                 if self._send_timeout is not None:
                     task_group.start_soon(self._watch_sends, self._send_timeout)
+                for task in self._beside:
+                    task_group.start_soon(self._run_beside, task)
                 if self._scope["type"] == "http":
                     # As in Starlette: the body in a child task, the listener here (README, Design).
                     task_group.start_soon(self._run_body_in_child, body)
@@ -273,6 +284,16 @@ class Race:
             self.stop(Outcome.ERROR)
         else:
             self.stop(Outcome.COMPLETED)
+
+    async def _run_beside(self, task: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await task()
+        except _Stopped:
+            pass  # stopped already
+        except Exception as exc:
+            if self.error is None:
+                self.error = exc
+            self.stop(Outcome.ERROR)
 
     def _on_shutdown(self, now: float) -> None:
         # Called back by the shutdown watch in the event loop's thread, maybe outside any task,
@@ -358,9 +379,26 @@ class Race:
     async def send(self, message: Message) -> None:
         """The guarded ``send`` the body is handed: nothing reaches the server once the race is
         stopped, and the server's errors for a departed client become the stop (divergence 2)."""
+        self._sending = True  # for drive(): a wait in here is not the producer's
+        try:
+            if self._send_lock is None:
+                await self._send_guarded(message)
+            else:
+                async with self._send_lock:
+                    await self._send_guarded(message)
+        finally:
+            self._sending = False
+
+    async def send_beside(self, message: Message) -> None:
+        """The guarded ``send`` for a task beside the body: it takes turns with the body's sends,
+        so that a message never goes out inside another."""
+        assert self._send_lock is not None  # for mypy: made in respond() for such a task
+        async with self._send_lock:
+            await self._send_guarded(message)
+
+    async def _send_guarded(self, message: Message) -> None:
         if self.stopped:
             raise _Stopped
-        self._sending = True  # for drive(): a wait in here is not the producer's
         try:
             if message["type"] == "http.response.start":
                 self._start_sent = True
@@ -394,8 +432,6 @@ class Race:
         except CLIENT_GONE:
             self.stop(Outcome.DISCONNECTED)
             raise _Stopped from None
-        finally:
-            self._sending = False
 
     async def _listen_for_disconnect(self) -> None:
         try:

@@ -1,8 +1,11 @@
-"""Drop-in replacements for ``starlette.responses.StreamingResponse`` and ``FileResponse``.
+"""Drop-in replacements for ``starlette.responses.StreamingResponse`` and ``FileResponse``, and for
+``sse_starlette.EventSourceResponse``.
 
-The public classes; how a call ends lives in ``_race.py``, the file transfer in ``_file.py``. Each
-class keeps its parent's constructor, headers and body bytes; what changes is how a call
-ends. Intentional divergences from Starlette, each covered by a test that names its number:
+The public classes; how a call ends lives in ``_race.py``, the file transfer in ``_file.py``, the
+event encoding in ``_sse.py`` and FastAPI's generator endpoints in ``_fastapi.py``. Each class keeps
+its parent's constructor, headers and body bytes; what changes is how a call ends. Intentional
+divergences from Starlette (and for ``EventSourceResponse`` from sse-starlette 3.7), each covered
+by a test that names its number:
 
 1. The disconnect listener runs on every ASGI spec version. Starlette skips it from 2.4 on and
    relies on ``send()`` raising, which never happens while a producer waits for its upstream.
@@ -76,26 +79,66 @@ ends. Intentional divergences from Starlette, each covered by a test that names 
     with a proper last chunk, so the server can exit: under Starlette it keeps the server alive
     until a second signal. A response with a ``content-length`` (and every ``FileResponse``) is
     left to finish within the server's graceful window, as under Starlette.
+16. As the ``response_class`` of a FastAPI generator endpoint, the response iterates and closes the
+    endpoint's own async generator instead of FastAPI's relay of it, so the generator's ``finally``
+    runs before the background task; closing the relay leaves the generator to the garbage
+    collector. Where FastAPI's relay is not as expected, one warning says so (``_fastapi.py``).
+
+``EventSourceResponse`` diverges from sse-starlette's in these ways:
+
+17. Every guarantee of ``StreamingResponse`` above holds for events. sse-starlette lets a producer
+    that never awaits run on after the close, never closes a sync iterator, lets ``OSError`` escape
+    on ASGI 2.4 and then skips the background task, and raises ``SendTimeoutError`` where the
+    outcome here is ``SEND_TIMEOUT``. It learns of a shutdown by patching uvicorn's exit handler
+    (``AppStatus``) and ends each stream without its last message (uvicorn logs an ERROR per stream);
+    here the shutdown watch (15) works on every server and a stream ends between events with a last
+    chunk. Each event is one ``send()``, so any stop falls between events.
+18. ``HEAD`` gets the headers and an empty body, and the background task runs, as in sse-starlette
+    (its #218); Starlette's ``StreamingResponse`` streams on ``HEAD``, which never ends for an endless
+    stream.
+19. A ``fastapi.sse.ServerSentEvent`` item is sent as FastAPI sends it, and a pydantic model as its
+    JSON; sse-starlette sends ``str()`` of either, which no client can parse.
+20. A ping goes out after ``ping`` seconds without an event (FastAPI's rule), not every ``ping``
+    seconds: a busy stream needs no keep-alive. It takes turns with the events, never inside one,
+    and goes through the guarded ``send``, so a ping to a client that left ends the stream (2) and a
+    ping that blocks counts for ``send_timeout``. A NaN interval is refused.
+21. ``client_close_handler_callable`` and ``shutdown_event`` are refused with a ``TypeError`` naming
+    their replacements (``outcome`` and the background task; ``stopping()``). ``shutdown_grace_period``
+    is ``shutdown_grace`` (15). ``cleanup_timeout`` is 5 s by default, as for the other classes (30 s
+    in sse-starlette; ``None``: no bound). ``data_sender_callable`` runs beside the stream and is
+    cancelled when it ends; its error ends the stream (``ERROR``) and is re-raised.
+
+As the ``response_class`` of a FastAPI generator endpoint, ``EventSourceResponse`` encodes what the
+endpoint yields as ``fastapi.sse`` does: JSON ``data`` validated against the return annotation,
+FastAPI's line layout and ping (``_fastapi.py``), checked byte for byte against ``fastapi.sse``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
-from collections.abc import AsyncIterable, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping, Sequence
 from email.utils import formatdate
 from functools import partial
 from mimetypes import guess_type
+from typing import Any, cast
 
+import anyio
 import starlette.responses
 from starlette.background import BackgroundTask
+from starlette.datastructures import MutableHeaders
 from starlette.responses import ContentStream
 from starlette.types import Receive, Scope, Send
 
+from ._fastapi import PING as FASTAPI_PING
+from ._fastapi import endpoint_source, event_encoder
 from ._file import FileTransfer
 from ._iterate import SyncIterator, close_iterator
 from ._race import BackgroundPolicy, Outcome, Race
 from ._shutdown import checked_grace, grace_from_environment
+from ._sse import SEPARATORS, ping_message
+from ._sse import encode as encode_event
 from ._starlette import generate_multipart
 
 
@@ -125,7 +168,7 @@ class StreamingResponse(starlette.responses.StreamingResponse):
         background_policy: BackgroundPolicy = "always",
         shutdown_grace: float | None = None,
     ) -> None:
-        super().__init__(content, status_code, headers, media_type, background)
+        super().__init__(endpoint_source(content), status_code, headers, media_type, background)  # divergence 16
         if not isinstance(content, AsyncIterable):  # divergence 5
             self.body_iterator = SyncIterator(content)
         self.send_timeout = send_timeout
@@ -218,3 +261,150 @@ class FileResponse(starlette.responses.FileResponse):
         content_type: str,
     ) -> tuple[int, Callable[[int, int], bytes]]:
         return generate_multipart(ranges, boundary, max_size, content_type)  # divergence 12
+
+
+class EventSourceResponse(StreamingResponse):
+    """A stream of Server-Sent Events: sse-starlette's ``EventSourceResponse``, with the guarantees
+    of this library's ``StreamingResponse``.
+
+    The same constructor, headers and bytes as ``sse_starlette.EventSourceResponse`` 3.7 for what
+    its users yield: ``str``, ``bytes``, a ``dict`` of event fields, a ``ServerSentEvent`` (this
+    library's or sse-starlette's; ``fastapi.sse``'s and pydantic models too, 19). As the
+    ``response_class`` of a FastAPI endpoint that yields, it encodes as ``fastapi.sse`` does. A
+    keep-alive comment goes out after ``ping`` seconds (15 by default; 0: never) without an event
+    (20). ``shutdown_grace_period`` is ``shutdown_grace``; ``client_close_handler_callable`` and
+    ``shutdown_event`` are refused, ``outcome`` and ``stopping()`` replace them (21). ``HEAD`` gets
+    the headers only (18).
+    """
+
+    media_type = "text/event-stream"
+    DEFAULT_PING_INTERVAL = 15
+    DEFAULT_SEPARATOR = "\r\n"
+
+    def __init__(
+        self,
+        content: AsyncIterable[Any] | Iterable[Any],
+        status_code: int = 200,
+        headers: Mapping[str, str] | None = None,
+        media_type: str = "text/event-stream",
+        background: BackgroundTask | None = None,
+        ping: float | None = None,
+        sep: str | None = None,
+        ping_message_factory: Callable[[], object] | None = None,
+        data_sender_callable: Callable[[], Awaitable[None]] | None = None,
+        send_timeout: float | None = None,
+        client_close_handler_callable: object = None,
+        shutdown_event: object = None,
+        shutdown_grace_period: float | None = None,
+        cleanup_timeout: float | None = 5.0,
+        *,
+        background_policy: BackgroundPolicy = "always",
+    ) -> None:
+        for name, value in (  # divergence 21
+            ("client_close_handler_callable", client_close_handler_callable),
+            ("shutdown_event", shutdown_event),
+        ):
+            if value is not None:
+                raise TypeError(f"EventSourceResponse does not take {name}: {_REPLACED_OPTIONS[name]}")
+        if sep not in (None, *SEPARATORS):
+            raise ValueError(f"sep must be one of: \\r\\n, \\r, \\n, got: {sep!r}")
+        self.sep = sep or self.DEFAULT_SEPARATOR
+        all_headers = MutableHeaders(headers=headers)  # sse-starlette's headers, as it sets them
+        all_headers.setdefault("Cache-Control", "no-store")
+        all_headers["Connection"] = "keep-alive"
+        all_headers["X-Accel-Buffering"] = "no"
+        super().__init__(
+            cast(ContentStream, content),  # items, not chunks: encoded as they are sent
+            status_code,
+            all_headers,
+            media_type,
+            background,
+            send_timeout=send_timeout,
+            background_policy=background_policy,
+            shutdown_grace=shutdown_grace_period,
+        )
+        self.ping_interval = self.DEFAULT_PING_INTERVAL if ping is None else ping
+        self.ping_message_factory = ping_message_factory
+        self.data_sender_callable = data_sender_callable
+        if cleanup_timeout is not None:
+            self.cleanup_timeout = checked_grace(cleanup_timeout, "cleanup_timeout")
+        else:
+            self.cleanup_timeout = math.inf
+
+    @property
+    def ping_interval(self) -> float:
+        """Seconds without an event after which a keep-alive comment is sent; 0: never."""
+        return self._ping_interval
+
+    @ping_interval.setter
+    def ping_interval(self, value: float) -> None:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise TypeError("ping interval must be int or float")
+        if not value >= 0:
+            raise ValueError("ping interval must be >= 0 (0 disables ping)")
+        self._ping_interval = value
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        race = Race(self, scope, receive, send)
+        encode = event_encoder(scope)
+        if encode is None:
+            encode = partial(encode_event, sep=self.sep)
+            ping = self._ping_message
+        else:
+            ping = _fastapi_ping
+        head = scope["type"] == "http" and scope["method"] == "HEAD"  # divergence 18
+        interval = self.ping_interval
+        last_sent: float | None = None  # no ping before the start is out
+
+        async def events(send: Send) -> None:
+            nonlocal last_sent
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            if interval:
+                last_sent = anyio.current_time()
+            if not head:
+                async for item in self.body_iterator:
+                    message = {"type": "http.response.body", "body": encode(item), "more_body": True}
+                    if interval:
+                        last_sent = anyio.current_time()
+                    await send(message)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        async def ping_when_idle() -> None:
+            # divergence 20: only after ``interval`` without an event, as FastAPI's ping
+            nonlocal last_sent
+            while True:
+                now = anyio.current_time()
+                if last_sent is None or now < last_sent + interval:
+                    await anyio.sleep(interval if last_sent is None else last_sent + interval - now)
+                    continue
+                last_sent = now
+                await race.send_beside({"type": "http.response.body", "body": ping(), "more_body": True})
+
+        beside: list[Callable[[], Awaitable[None]]] = []
+        if interval and not head:
+            beside.append(ping_when_idle)
+        if self.data_sender_callable is not None and not head:
+            beside.append(self.data_sender_callable)
+
+        def body(send: Send) -> Awaitable[None]:
+            return race.drive(events(send))  # divergence 14, as for StreamingResponse
+
+        grace = None if head else self.shutdown_grace
+        await race.respond(body, partial(close_iterator, self.body_iterator), grace, beside)
+
+    def _ping_message(self) -> bytes:
+        message = self.ping_message_factory() if self.ping_message_factory is not None else ping_message(self.sep)
+        return encode_event(message, self.sep)
+
+
+def _fastapi_ping() -> bytes:
+    return FASTAPI_PING
+
+
+# sse-starlette's options that this library's machinery replaces: the replacement, for the error.
+_REPLACED_OPTIONS = {
+    "client_close_handler_callable": "the background task runs after a disconnect too, and response.outcome "
+    "says how the stream ended",
+    "shutdown_event": "await disconnect_responses.stopping().wait() in the generator: it is set at the "
+    "server's shutdown",
+}

@@ -6,6 +6,7 @@ test can read it after the server process has exited. ``$FILE`` names the file t
 
 - ``/async``, ``/sync``: endless event streams (an async producer, and a sync one blocked in
   ``next()`` between events, as a database cursor would be).
+- ``/events``: an endless ``EventSourceResponse`` (pinging every 10 ms between its events).
 - ``/cooperative``: an endless event stream that, once ``stopping()`` is set, sends a last event of
   its own and returns.
 - ``/file``: a ``FileResponse``; ``/sized``: a ``StreamingResponse`` with a ``content-length``.
@@ -25,7 +26,7 @@ from starlette.background import BackgroundTask
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from disconnect_responses import FileResponse, StreamingResponse, stopping
+from disconnect_responses import EventSourceResponse, FileResponse, StreamingResponse, stopping
 
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 
@@ -77,9 +78,20 @@ async def sized(path: str) -> AsyncIterator[bytes]:
         note(f"closed {path}")
 
 
+async def tick_items(path: str) -> AsyncIterator[str]:
+    try:
+        while True:
+            yield "tick"
+            await anyio.sleep(0.05)
+    finally:
+        note(f"closed {path}")
+
+
 def respond(path: str) -> Response:
     response: StreamingResponse | FileResponse
-    if path == "/file":
+    if path == "/events":
+        response = EventSourceResponse(tick_items(path), ping=0.01)
+    elif path == "/file":
         response = FileResponse(os.environ["FILE"])
     elif path == "/sized":
         length = str(os.path.getsize(os.environ["FILE"]))

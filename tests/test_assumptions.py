@@ -1,7 +1,7 @@
 """The private behaviour of AnyIO, asyncio, trio, Starlette and the servers that the library relies on.
 
 Each test pins one assumption listed in a module header (A1-A5 in ``_cancel.py``, S1-S2 in
-``_shutdown.py``, R1 in ``_race.py``); its failure message names the assumption, so that a new
+``_shutdown.py``, R1 in ``_race.py``, F1-F3 in ``_fastapi.py``); its failure message names the assumption, so that a new
 release of a dependency fails here, by name, instead of as a puzzling divergence-14 or shutdown test.
 """
 
@@ -20,6 +20,9 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
+import fastapi
+import fastapi.routing
+import pydantic
 import pytest
 import starlette.responses
 import trio
@@ -267,3 +270,100 @@ async def test_r1_starlette_s_stream_response_is_a_coroutine_the_race_can_step()
     assert messages[0]["type"] == "http.response.start" and bodies == [b"a", b"b", b""], broken(
         "R1 (stream_response sends the start, each item, then an empty last message)", messages
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# FastAPI (F1-F3 in _fastapi.py), on FastAPI 0.134+ (generator endpoints)
+
+
+class Item(pydantic.BaseModel):
+    name: str
+
+
+def fastapi_with_generator_endpoints() -> None:
+    if tuple(int(part) for part in fastapi.__version__.split(".")[:2]) < (0, 134):
+        pytest.skip(f"FastAPI {fastapi.__version__} has no generator endpoints (added in 0.134)")
+
+
+async def test_f1_fastapi_hands_an_async_generator_endpoint_over_through_a_relay() -> None:
+    fastapi_with_generator_endpoints()
+    from disconnect_responses.testing import request
+
+    handed: list[Any] = []
+
+    class Spy(starlette.responses.StreamingResponse):
+        def __init__(self, content: Any, **options: Any) -> None:
+            handed.append(content)
+            super().__init__(content, **options)
+
+    app = fastapi.FastAPI()
+
+    @app.get("/async", response_class=Spy)
+    async def async_endpoint() -> AsyncIterator[bytes]:
+        yield b"a"
+
+    @app.get("/sync", response_class=Spy)
+    def sync_endpoint() -> Any:
+        yield b"s"
+
+    await request(app, "GET", "/async")
+    await request(app, "GET", "/sync")
+    relay, sync_generator = handed
+    assert inspect.isasyncgen(relay), broken("F1", f"FastAPI hands the class a {type(relay)}")
+    assert relay.ag_code.co_name == "_async_stream_raw", broken("F1", f"the relay is {relay.ag_code.co_name}")
+    assert relay.ag_code.co_filename.endswith(os.path.join("fastapi", "routing.py")), broken("F1", relay.ag_code)
+    assert inspect.isgenerator(sync_generator), broken("F1", f"a sync generator is handed over as {sync_generator}")
+
+
+def test_f1_the_relay_holds_the_endpoints_generator_before_it_starts() -> None:
+    fastapi_with_generator_endpoints()
+
+    source = inspect.getsource(fastapi.routing)
+    assert "async def _async_stream_raw(\n" in source and "async_gen: AsyncIterator[Any]," in source, broken(
+        "F1", "the relay's signature changed"
+    )
+
+
+def test_f2_the_route_and_the_helpers_that_build_the_item_field() -> None:
+    fastapi_with_generator_endpoints()
+    from fastapi.dependencies.utils import get_stream_item_type, get_typed_return_annotation
+    from fastapi.utils import create_model_field
+
+    app = fastapi.FastAPI()
+
+    @app.get("/items", response_class=starlette.responses.StreamingResponse)
+    async def items() -> AsyncIterator[Item]:
+        yield Item(name="x")
+
+    [route] = [route for route in app.routes if isinstance(route, fastapi.routing.APIRoute) and route.path == "/items"]
+    assert route.endpoint is items and route.response_model is None, broken("F2", vars(route))
+    for option in ("include", "exclude", "by_alias", "exclude_unset", "exclude_defaults", "exclude_none"):
+        assert hasattr(route, f"response_model_{option}"), broken("F2", f"no response_model_{option}")
+    assert get_stream_item_type(get_typed_return_annotation(items)) is Item, broken("F2", "item type")
+    field = create_model_field(name="StreamItem_" + route.unique_id, type_=Item, mode="serialization")
+    value, errors = field.validate({"name": "y"}, {}, loc=("response",))
+    assert not errors and field.serialize_json(value, include=None, exclude=None) == b'{"name":"y"}', broken(
+        "F2", field
+    )
+    _, errors = field.validate({}, {}, loc=("response",))
+    assert errors, broken("F2", "an invalid item validates")
+
+
+def test_f3_fastapi_sse_lays_an_event_out_as_format_event() -> None:
+    fastapi_with_generator_endpoints()
+    fastapi_sse = pytest.importorskip("fastapi.sse")
+    from disconnect_responses._fastapi import PING, format_event
+
+    cases: list[dict[str, Any]] = [
+        {"data_str": "d"},
+        {"data_str": "a\nb\r\nc", "event": "e", "id": "1", "retry": 5, "comment": "x\ry"},
+        {"comment": "only"},
+        {},
+    ]
+    for fields in cases:
+        theirs = fastapi_sse.format_sse_event(**fields)
+        ours = format_event(
+            fields.get("data_str"), fields.get("event"), fields.get("id"), fields.get("retry"), fields.get("comment")
+        )
+        assert ours == theirs, broken("F3", f"{fields}: {theirs!r}")
+    assert fastapi_sse.KEEPALIVE_COMMENT == PING, broken("F3", fastapi_sse.KEEPALIVE_COMMENT)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
+from benchmarks import sse_benchmark
 from benchmarks.bench import main
 
 
@@ -32,3 +35,13 @@ def test_every_case_reports_both_implementations(tmp_path: Path) -> None:
     for row in rows:
         assert len(row["baseline_values"]) == len(row["ours"]) == 1, row
     assert "| case | unit | baseline |" in markdown_path.read_text()
+
+
+def test_the_sse_benchmark_reports_a_run() -> None:
+    ours = [name for name in sse_benchmark.contenders() if name.endswith("+ ours")]
+    if not ours:
+        pytest.skip("the SSE benchmark needs FastAPI 0.135+ or sse-starlette")
+
+    result = sse_benchmark.run_in_child(ours[0], "awaiting")
+
+    assert sorted(result) == ["background", "bytes", "finally"]

@@ -14,16 +14,19 @@ The measured numbers are printed (``pytest -s``) for the record.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import time
+import types
 from collections.abc import AsyncIterator
 
 import anyio
+import fastapi
 import pytest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from disconnect_responses import StreamingResponse
-from examples import file_download, http_relay, token_stream
+from examples import file_download, http_relay
 
 from .asgi import WAIT, noting_disconnect
 from .servers import Recorder, client_fetch, open_response, partial_read, serve
@@ -111,6 +114,13 @@ def test_http_relay_delivers_the_whole_upstream_body() -> None:
 TOKEN_GAP = 1.0
 
 
+def token_stream_example() -> types.ModuleType:
+    """The example, which needs FastAPI's generator endpoints (0.134+)."""
+    if tuple(int(part) for part in fastapi.__version__.split(".")[:2]) < (0, 134):
+        pytest.skip(f"FastAPI {fastapi.__version__} has no generator endpoints (added in 0.134)")
+    return importlib.import_module("examples.token_stream")
+
+
 @pytest.mark.parametrize("moment", ["burst", "idle"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_token_stream_stops_as_promptly_in_a_gap_as_in_a_burst(kind: str, moment: str) -> None:
@@ -118,7 +128,7 @@ def test_token_stream_stops_as_promptly_in_a_gap_as_in_a_burst(kind: str, moment
     generator's ``finally`` runs within a fraction of the gap after the close, then the background task
     records usage."""
     recorder = Recorder()
-    app = token_stream.create_app(burst=50, token_interval=0.005, gap=TOKEN_GAP, observe=recorder.record)
+    app = token_stream_example().create_app(burst=50, token_interval=0.005, gap=TOKEN_GAP, observe=recorder.record)
     with serve(app, kind) as server:
         with open_response(server.port, "/tokens") as (head, _, _):
             assert head.status == 200

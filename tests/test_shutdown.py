@@ -258,7 +258,7 @@ def stream_ended(sock: socket.socket) -> bytes:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_one_signal_ends_endless_streams(kind: str, tmp_path: Path) -> None:
-    paths = ["/async", "/sync", "/async"]
+    paths = ["/async", "/sync", "/events"]
     with server_process(kind, tmp_path) as server, ExitStack() as streams:
         for path in paths:
             streams.enter_context(open_stream(server.port, path))
