@@ -313,8 +313,14 @@ class Race:
 
     def _stop_from_outside(self) -> None:
         """Stop for a cancellation that no ``stop()`` decided: the shutdown grace ran out (the
-        race's own scope was cancelled), or someone cancelled the response (``CANCELLED``)."""
-        grace_over = self._cancel_scope is not None and self._cancel_scope.cancel_called
+        race's own scope reached its deadline), or someone cancelled the response (``CANCELLED``)."""
+        # Not the scope's cancel_called: on trio a nursery cancels its own scope when a cancellation
+        # from outside reaches a task beside the body (the ping, the send watchdog) first.
+        grace_over = (
+            self._shutting_down
+            and self._cancel_scope is not None
+            and self._cancel_scope.deadline <= anyio.current_time()
+        )
         self.stop(Outcome.SHUTDOWN if grace_over else Outcome.CANCELLED)
 
     async def _end_open_body(self) -> None:
