@@ -9,6 +9,8 @@ response classes differ. Routes:
   pieces, all the same bytes object, from an async generator that never awaits, one that awaits
   ``anyio.sleep(0)`` before each chunk, or a sync generator.
 - ``/small``: a 1 KiB body streamed from a never-awaiting async generator.
+- ``/smallfile``: ``FileResponse`` on a 4 KiB file (``--small-file``), what most download
+  endpoints serve.
 - ``/disconnect?id=X&kind=never|await|sync|file&chunk=N&size=N``: as ``/stream`` or ``/file``, but
   recording a ``time.monotonic()`` timestamp and size for every body message handed to ``send()``,
   when ``http.disconnect`` arrived, when the body iterator was closed and when the background task
@@ -107,7 +109,7 @@ def file_is_open(path: str) -> bool:
     return False
 
 
-def build_app(impl: str, file_path: str) -> ASGIApp:
+def build_app(impl: str, file_path: str, small_file_path: str) -> ASGIApp:
     streaming_response, file_response = response_classes(impl)
     file_path = os.path.realpath(file_path)
     records: dict[str, Record] = {}
@@ -156,6 +158,8 @@ def build_app(impl: str, file_path: str) -> ASGIApp:
             response: Response = streaming_response(never_awaiting(SMALL_BODY, 1), media_type="text/plain")
         elif path == "/file":
             response = body({"kind": "file"})
+        elif path == "/smallfile" and file_response is not None:
+            response = file_response(small_file_path)
         elif path == "/stream":
             response = body(params)
         elif path == "/disconnect":
@@ -234,11 +238,12 @@ def main() -> None:
     parser.add_argument("--server", default="uvicorn")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--file", required=True)
+    parser.add_argument("--small-file", required=True)
     parser.add_argument("--parent", type=int, help="exit when this process is no longer the parent")
     args = parser.parse_args()
     if args.parent:
         exit_with_parent(args.parent)
-    serve(build_app(args.impl, args.file), args.server, args.port)
+    serve(build_app(args.impl, args.file, args.small_file), args.server, args.port)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,14 @@ from contextlib import ExitStack
 from pathlib import Path
 from types import FrameType
 
-from . import disconnect_benchmark, fairness_benchmark, memory_benchmark, overhead_benchmark, throughput_benchmark
+from . import (
+    concurrency_benchmark,
+    disconnect_benchmark,
+    fairness_benchmark,
+    memory_benchmark,
+    overhead_benchmark,
+    throughput_benchmark,
+)
 from .harness import (
     IMPLS,
     Bench,
@@ -27,6 +34,7 @@ from .harness import (
     ensure_file,
     environment,
     find_nginx,
+    floor_server,
     make_workdir,
     markdown,
     nginx_server,
@@ -35,6 +43,7 @@ from .harness import (
 
 CASES = {
     "throughput": throughput_benchmark.run,
+    "concurrency": concurrency_benchmark.run,
     "disconnect": disconnect_benchmark.run,
     "memory": memory_benchmark.run,
     "overhead": overhead_benchmark.run,
@@ -126,6 +135,7 @@ def run_cases(
             bench.servers[impl] = stack.enter_context(bench.fresh_server(impl))
         nginx = None if args.no_nginx else find_nginx()
         if "throughput" in cases and bench.has_file_response:
+            bench.floor = stack.enter_context(floor_server(bench.file, workdir))
             if nginx is None:
                 bench.notes.append("nginx is not installed: no sendfile ceiling.")
             else:

@@ -23,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 IMPLS = ("starlette", "ours")
 MiB = 1024 * 1024
+SMALL_FILE = 4096  # bytes of /smallfile
 Measure = Callable[[str], Mapping[str, float]]
 
 
@@ -94,8 +95,16 @@ def subprocess_server(name: str, argv: list[str], port: int, log: Path) -> Itera
 def app_server(impl: str, server: str, file: Path, workdir: Path) -> AbstractContextManager[Server]:
     port = free_port()
     argv = [sys.executable, "-m", "benchmarks.app", "--impl", impl, "--server", server, "--port", str(port)]
-    argv += ["--file", str(file), "--parent", str(os.getpid())]
+    small_file = ensure_file(file.with_name(f"random-{SMALL_FILE}.bin"), SMALL_FILE)
+    argv += ["--file", str(file), "--small-file", str(small_file), "--parent", str(os.getpid())]
     return subprocess_server(impl, argv, port, workdir / f"{impl}-{server}.log")
+
+
+def floor_server(file: Path, workdir: Path) -> AbstractContextManager[Server]:
+    """The pread + send loop of ``floor_server.py``: the floor of CPU per GB without zero-copy."""
+    port = free_port()
+    argv = [sys.executable, "-m", "benchmarks.floor_server", "--port", str(port), "--file", str(file)]
+    return subprocess_server("floor", argv, port, workdir / "floor.log")
 
 
 NGINX_CONF = """\
@@ -198,6 +207,19 @@ def python_download(port: int, path: str, headers: Mapping[str, str], timeout: f
     return int(header.split(None, 2)[1]), total, elapsed
 
 
+def timed_download(port: int, path: str, seconds: float) -> int:
+    """Read a response for ``seconds`` at most, as fast as possible; the bytes received."""
+    buffer = bytearray(4 * MiB)
+    total = 0
+    deadline = time.monotonic() + seconds
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * MiB)
+        sock.sendall(request_bytes(path, {}))
+        while time.monotonic() < deadline and (n := sock.recv_into(buffer)):
+            total += n
+    return total
+
+
 def curl_download(url: str, headers: Mapping[str, str], timeout: float) -> tuple[int, int, float]:
     argv = ["curl", "-s", "-o", "/dev/null", "--max-time", str(timeout)]
     argv += ["-w", "%{http_code} %{size_download} %{time_pretransfer} %{time_total}", url]
@@ -280,8 +302,8 @@ def requests_per_second(ports: Mapping[str, int], path: str, connections: int, s
     first of ``ports``, until each had at least ``seconds``: a change in the machine's load
     (another tenant, the CPU's clock) then hits them alike, where two runs one after the other saw
     ratios from 0.8 to 1.05. A slice stops sending at its end and lasts until its last reply; each
-    server's replies over the summed length of its slices give its rate. The responses are chunked
-    (a streamed body) and end with the empty chunk ``0\\r\\n\\r\\n``.
+    server's replies over the summed length of its slices give its rate. A reply ends after its
+    ``content-length``, or with the empty chunk ``0\\r\\n\\r\\n`` of a streamed body.
     """
     request = request_bytes(path, {}, keep_alive=True)
     selector = selectors.DefaultSelector()
@@ -336,7 +358,7 @@ def _slice(
             if not data:
                 raise ConnectionError("server closed a keep-alive connection")
             buffer += data
-            if buffer.endswith(b"\r\n0\r\n\r\n"):
+            if _reply_complete(buffer):
                 replies += 1
                 buffer.clear()
                 if time.perf_counter() < deadline:
@@ -344,6 +366,17 @@ def _slice(
                 else:
                     waiting -= 1
     return replies, time.perf_counter() - started
+
+
+def _reply_complete(buffer: bytearray) -> bool:
+    """Whether ``buffer`` holds a whole reply: its ``content-length``, or else the last chunk."""
+    head_end = buffer.find(b"\r\n\r\n")
+    if head_end < 0:
+        return False
+    for line in bytes(buffer[:head_end]).lower().split(b"\r\n"):
+        if line.startswith(b"content-length:"):
+            return len(buffer) - head_end - 4 >= int(line.split(b":", 1)[1])
+    return buffer.endswith(b"\r\n0\r\n\r\n")
 
 
 def latencies(port: int, path: str, seconds: float, pause: float) -> list[float]:
@@ -464,6 +497,7 @@ class Bench:
     progress: Callable[[str], None] = print
     servers: dict[str, Server] = field(default_factory=dict)
     nginx: Server | None = None
+    floor: Server | None = None
     has_file_response: bool = False
     notes: list[str] = field(default_factory=list)
 

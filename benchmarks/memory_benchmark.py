@@ -31,8 +31,8 @@ def run(bench: Bench) -> list[Row]:
     vs_starlette = ratios(ours, starlette)
     growth_starlette, growth_ours = column(results, "starlette", "growth"), column(results, "ours", "growth")
     return [
-        Row(f"{case}: peak server RSS", "MiB", "Starlette", starlette, ours, vs_starlette, "<= 1.1x",
-            at_most(vs_starlette, 1.1)),
+        Row(f"{case}: peak server RSS", "MiB", "Starlette", starlette, ours, vs_starlette, "<= 1.05x",
+            at_most(vs_starlette, 1.05)),
         Row(f"{case}: RSS growth over idle", "MiB", "Starlette", growth_starlette, growth_ours,
             ratios(growth_ours, growth_starlette)),
     ]  # fmt: skip

@@ -13,6 +13,8 @@ def file_rows(bench: Bench, case: str, headers: Mapping[str, str]) -> list[Row]:
     servers = dict(bench.servers)
     if bench.nginx is not None:
         servers["nginx"] = bench.nginx
+    if bench.floor is not None and not headers:  # the floor server knows no ranges
+        servers["floor"] = bench.floor
     results = bench.paired(case, lambda impl: bench.download(servers[impl], "/file", headers), list(servers))
     starlette, ours = column(results, "starlette", "MB/s"), column(results, "ours", "MB/s")
     vs_starlette = ratios(ours, starlette)
@@ -22,7 +24,7 @@ def file_rows(bench: Bench, case: str, headers: Mapping[str, str]) -> list[Row]:
         vs_nginx = ratios(ours, nginx)
         rows.append(Row(case, "MB/s", "nginx sendfile", nginx, ours, vs_nginx, ">= 0.8x", at_least(vs_nginx, 0.8)))
     cpu_ours = column(results, "ours", "CPU s/GB")
-    for impl, name in (("starlette", "Starlette"), ("nginx", "nginx sendfile")):
+    for impl, name in (("starlette", "Starlette"), ("nginx", "nginx sendfile"), ("floor", "pread + send floor")):
         if impl in results:
             cpu = column(results, impl, "CPU s/GB")
             rows.append(Row(f"{case}: server CPU", "s/GB", name, cpu, cpu_ours, ratios(cpu_ours, cpu)))

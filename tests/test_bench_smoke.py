@@ -25,6 +25,10 @@ def test_every_case_reports_both_implementations(tmp_path: Path) -> None:
         "sync iterator",
         "disconnect, sync iterator",
         "1 KiB streamed",
+        "4 KiB file responses",
+        "4 concurrent downloads",
+        "16 concurrent downloads",
+        "during 4 file downloads",
         "small requests",
         "file, single range",
         "disconnect, file",
@@ -32,6 +36,7 @@ def test_every_case_reports_both_implementations(tmp_path: Path) -> None:
     ]
     for case in expected:
         assert case in cases
+    assert "pread + send floor" in {row["baseline"] for row in rows}
     for row in rows:
         assert len(row["baseline_values"]) == len(row["ours"]) == 1, row
     assert "| case | unit | baseline |" in markdown_path.read_text()
