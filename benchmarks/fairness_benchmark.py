@@ -17,7 +17,9 @@ def download_until(bench: Bench, server: Server, path: str, stop: threading.Even
     """Download ``path`` again and again until ``stop`` is set."""
     while not stop.is_set():
         if bench.client == "curl":
-            with subprocess.Popen(["curl", "-s", "-o", "/dev/null", "--max-time", "120", server.url(path)]) as curl:
+            with subprocess.Popen(
+                ["nice", "-n", "19", "curl", "-s", "-o", "/dev/null", "--max-time", "120", server.url(path)]
+            ) as curl:
                 while curl.poll() is None and not stop.wait(0.01):
                     pass
                 if curl.poll() is None:

@@ -13,6 +13,9 @@ by a test that names its number:
    disconnect instead of escaping to the server log: the client is gone, nothing failed. Once
    every byte of a declared ``content-length`` was handed over, the response is ``COMPLETED``
    whatever the server reports after (granian reports the disconnect before the empty last message).
+   A disconnect while the server holds the last message may be the end of the response: that
+   send gets ``cleanup_timeout`` to return (then ``DISCONNECTED``), where Starlette cancels it at
+   once; hypercorn over HTTP/2 can hold it forever after a stream reset.
 3. The guarded ``send`` gives the event loop a turn every 512 KiB, so a producer that never
    awaits cannot starve the listener and push the rest of its body into a dead socket; once the
    disconnect is known, no further chunk is handed to the server.
@@ -49,13 +52,15 @@ by a test that names its number:
     background task runs as after a disconnect. Starlette's last message short of the
     content-length makes the server raise a protocol error (a traceback; uvicorn's h11 leaves the
     client waiting if the app then returns), or, for several ranges, raises ``RuntimeError``.
-11. Reads are ``os.pread`` calls in worker threads. Chunks start at ``chunk_size`` (64 KiB, as
-    Starlette's) and grow to ``max_chunk_size`` (4 MiB) only for a client that has taken 8 MiB
-    (socket buffers make every client look fast until then) and keeps taking at least 256 MiB/s;
-    for such a client the next chunk is read while the current one is sent. A slow client holds
-    one 64 KiB chunk, as under Starlette, where each 64 KiB costs a worker thread round trip
-    whatever the client's pace. The bytes are Starlette's; the message boundaries are not (no
-    empty last message when the size is a multiple of 64 KiB).
+11. What the page cache holds is read on the event loop's thread (``os.preadv`` with
+    ``RWF_NOWAIT``, which fails rather than wait for the disk), with a turn of the loop after each
+    read and send; only a read that would wait goes to a worker thread, where Starlette pays a
+    thread round trip for every 64 KiB. Chunks start at ``chunk_size`` (64 KiB, as Starlette's); a
+    client that has taken 8 MiB (socket buffers make every client look fast until then) and whose
+    sends wait less than 1 s per 256 MiB gets 128 KiB chunks from the cache, or ``max_chunk_size``
+    (4 MiB) from the disk, read while the previous one is sent and sent in 512 KiB slices. A slow
+    client holds one 64 KiB chunk, as under Starlette. The bytes are Starlette's; the message
+    boundaries are not (no empty last message when the size is a multiple of 64 KiB).
 12. It behaves as Starlette 1.10's on every supported Starlette: the range parsing, ``If-Range``,
     the CRLF multipart framing, the 416's ``content-range: bytes */size`` and the cap of
     100 ranges are vendored; an unknown type is ``application/octet-stream``; there is no

@@ -187,6 +187,7 @@ def test_file_read_error_mid_file(
         recorder.record("background ran")
 
     monkeypatch.setattr(disconnect_responses._file, "_read_at", failing_read_at)
+    monkeypatch.setattr(disconnect_responses._file, "_read_cached", disconnect_responses._file._never_cached)
 
     def make(scope: Scope) -> FileResponse:
         return FileResponse(file, background=BackgroundTask(background), background_policy=policy)

@@ -61,6 +61,12 @@ def fast(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(disconnect_responses._file, "_FAST_RATE", 1)
 
 
+@pytest.fixture
+def disk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No read is answered from the page cache: every read goes to a worker thread, as from a disk."""
+    monkeypatch.setattr(disconnect_responses._file, "_read_cached", disconnect_responses._file._never_cached)
+
+
 RANGES = [
     pytest.param([], id="plain"),
     pytest.param([("range", "bytes=1000-")], id="single-range"),
@@ -71,6 +77,7 @@ RANGES = [
 # Completion
 
 
+@pytest.mark.parametrize("source", ["cache", "disk"])
 @pytest.mark.parametrize("speed", ["slow", "fast"])
 @pytest.mark.parametrize("headers", RANGES)
 async def test_divergence_11_bytes_identical_at_every_pace(
@@ -80,10 +87,13 @@ async def test_divergence_11_bytes_identical_at_every_pace(
     opened: OpenedFiles,
     headers: list[tuple[str, str]],
     speed: str,
+    source: str,
 ) -> None:
     """Whatever the chunk size and read path, the body is the file's bytes, and the file is closed."""
     if speed == "fast":
         request.getfixturevalue("fast")
+    if source == "disk":
+        request.getfixturevalue("disk")
     background = Background(opened)
     response = FileResponse(file, background=background.task())
     server = FakeServer()
@@ -186,7 +196,7 @@ async def test_divergence_6_background_policy_completed_skips_after_disconnect(f
     assert opened.closed()
 
 
-@pytest.mark.usefixtures("fast")
+@pytest.mark.usefixtures("fast", "disk")
 async def test_divergence_11_disconnect_during_a_read_waits_for_it(
     file: Path, opened: OpenedFiles, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -481,3 +491,46 @@ async def test_divergence_11_slow_client_never_gets_large_chunks(file: Path, mon
     server = FakeServer()
     await call(FileResponse(file), server)
     assert max(iter_chunks(server.messages)) == FileResponse.chunk_size
+
+
+@pytest.mark.skipif(disconnect_responses._file._read_cached is disconnect_responses._file._never_cached,
+                    reason="no RWF_NOWAIT reads here")  # fmt: skip
+async def test_divergence_11_what_the_cache_holds_is_read_without_a_worker_thread(
+    file: Path, data: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The test file was just written, so the page cache holds it: no read goes to a worker thread."""
+
+    def no_thread_read(fd: int, size: int, offset: int) -> bytes:
+        raise AssertionError("a read that the page cache answers went to a worker thread")
+
+    monkeypatch.setattr(disconnect_responses._file, "_read_at", no_thread_read)
+    server = FakeServer()
+    response = FileResponse(file)
+    await call(response, server)
+    assert server.body == data
+    assert response.outcome is Outcome.COMPLETED
+
+
+@pytest.mark.parametrize("error", [errno.EOPNOTSUPP, errno.EINVAL, errno.EAGAIN])
+def test_divergence_11_a_read_the_system_cannot_make_without_waiting_goes_to_a_thread(
+    error: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``None`` sends the read to a worker thread: a read that would wait, or a file system without
+    non-blocking reads."""
+
+    def refuse(fd: int, buffers: list[memoryview], offset: int, flags: int) -> int:
+        raise OSError(error, os.strerror(error)) if error != errno.EAGAIN else BlockingIOError(error, "would wait")
+
+    monkeypatch.setattr(os, "preadv", refuse, raising=False)
+    assert disconnect_responses._file._read_nowait(0, memoryview(bytearray(8)), 0) is None
+
+
+def test_divergence_11_a_client_whose_sends_never_wait_is_fast_one_whose_sends_wait_is_not() -> None:
+    """Flow control, not a client's rate, tells a slow client: sends that never wait make a client
+    fast even when the windows take long (other clients share the core); sends that wait do not."""
+    waits = {"busy core": 0.0, "slow client": 0.05}
+    for label, waited in waits.items():
+        pacer = disconnect_responses._file._Pacer(64 * 1024, 4 * 1024 * 1024)
+        for _ in range(2 * disconnect_responses._file._FAST_AFTER // (64 * 1024)):
+            pacer.sent(64 * 1024, waited)
+        assert pacer.fast is (label == "busy core"), label

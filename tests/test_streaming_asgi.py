@@ -969,3 +969,32 @@ async def test_stopping_is_available_in_the_producers_finally(producer: str) -> 
     await call(response, client)
     assert response.outcome is Outcome.SEND_TIMEOUT
     assert seen == [True]
+
+
+@pytest.mark.parametrize("returns", [True, False], ids=["last-send-returns", "last-send-held"])
+async def test_divergence_2_the_last_send_gets_cleanup_timeout_after_a_disconnect(returns: bool) -> None:
+    """The client leaves while the server holds the last message. A server whose disconnect just
+    ends the response returns from that send: COMPLETED. One that never returns (hypercorn over
+    HTTP/2 after a stream reset) is let go after ``cleanup_timeout``: DISCONNECTED, as Starlette's
+    listener would cancel it, and the background task still runs once."""
+    release = anyio.Event()
+    ran: list[str] = []
+
+    async def hold_the_last(server: FakeServer, message: Message) -> None:
+        if not message.get("more_body", False):
+            server.leave()
+            await server.disconnect_delivered.wait()
+            if returns:
+                return
+            await release.wait()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"first"
+        yield b"last"
+
+    response = StreamingResponse(body(), background=BackgroundTask(lambda: ran.append("background")))
+    response.cleanup_timeout = 0.05 if not returns else WATCHDOG * 10
+    server = FakeServer(on_body=hold_the_last)
+    await call(response, server)
+    assert response.outcome is (Outcome.COMPLETED if returns else Outcome.DISCONNECTED)
+    assert ran == ["background"]
