@@ -14,8 +14,8 @@ by a test that names its number:
    every byte of a declared ``content-length`` was handed over, the response is ``COMPLETED``
    whatever the server reports after (granian reports the disconnect before the empty last message).
    A disconnect while the server holds the last message may be the end of the response: that
-   send gets ``cleanup_timeout`` to return (then ``DISCONNECTED``), where Starlette cancels it at
-   once; hypercorn over HTTP/2 can hold it forever after a stream reset.
+   send gets ``cleanup_timeout`` to return (then the response ends as a disconnect), where
+   Starlette cancels it at once; hypercorn over HTTP/2 can hold it forever after a stream reset.
 3. The guarded ``send`` gives the event loop a turn every 512 KiB, so a producer that never
    awaits cannot starve the listener and push the rest of its body into a dead socket; once the
    disconnect is known, no further chunk is handed to the server.

@@ -54,8 +54,9 @@ class Background:
 @pytest.fixture
 def fast(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every client counts as fast after the first 128 KiB: large chunks (256 KiB, so that a test file
-    holds several) and the read-ahead."""
+    holds several), read ahead from the disk and sent in 100 KiB slices."""
     monkeypatch.setattr(FileResponse, "max_chunk_size", 256 * 1024)
+    monkeypatch.setattr(disconnect_responses._file, "_SEND_SLICE", 100 * 1024)
     monkeypatch.setattr(disconnect_responses._file, "_FAST_AFTER", 128 * 1024)
     monkeypatch.setattr(disconnect_responses._file, "_RATE_WINDOW", 64 * 1024)
     monkeypatch.setattr(disconnect_responses._file, "_FAST_RATE", 1)
@@ -511,18 +512,42 @@ async def test_divergence_11_what_the_cache_holds_is_read_without_a_worker_threa
     assert response.outcome is Outcome.COMPLETED
 
 
-@pytest.mark.parametrize("error", [errno.EOPNOTSUPP, errno.EINVAL, errno.EAGAIN])
-def test_divergence_11_a_read_the_system_cannot_make_without_waiting_goes_to_a_thread(
-    error: int, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.skipif(disconnect_responses._file._read_cached is disconnect_responses._file._never_cached,
+                    reason="no RWF_NOWAIT reads here")  # fmt: skip
+@pytest.mark.parametrize(
+    ("error", "tries"),
+    [
+        pytest.param(errno.EAGAIN, "every chunk", id="would-wait"),
+        pytest.param(errno.EOPNOTSUPP, "once", id="file-system-cannot-tell"),
+        pytest.param(errno.EINVAL, "once", id="kernel-cannot-tell"),
+        pytest.param(errno.EIO, "error", id="disk-error"),
+    ],
+)
+async def test_divergence_11_a_read_that_cannot_be_made_without_waiting_goes_to_a_thread(
+    file: Path, data: bytes, opened: OpenedFiles, error: int, tries: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``None`` sends the read to a worker thread: a read that would wait, or a file system without
-    non-blocking reads."""
+    """A read that would wait goes to a worker thread, each time; a file system that cannot read
+    without waiting is asked once per response; any other error is the response's error."""
+    calls: list[int] = []
 
     def refuse(fd: int, buffers: list[memoryview], offset: int, flags: int) -> int:
-        raise OSError(error, os.strerror(error)) if error != errno.EAGAIN else BlockingIOError(error, "would wait")
+        calls.append(offset)
+        raise BlockingIOError(error, "would wait") if error == errno.EAGAIN else OSError(error, os.strerror(error))
 
-    monkeypatch.setattr(os, "preadv", refuse, raising=False)
-    assert disconnect_responses._file._read_nowait(0, memoryview(bytearray(8)), 0) is None
+    monkeypatch.setattr(os, "preadv", refuse)
+    background = Background(opened)
+    response = FileResponse(file, background=background.task())
+    server = FakeServer()
+    if tries == "error":
+        with pytest.raises(OSError, match=os.strerror(error)):
+            await call(response, server)
+        assert response.outcome is Outcome.ERROR
+    else:
+        await call(response, server)
+        assert server.body == data
+        assert response.outcome is Outcome.COMPLETED
+        assert len(calls) == (1 if tries == "once" else len(server.body_messages))
+    assert background.runs == [True]
 
 
 def test_divergence_11_a_client_whose_sends_never_wait_is_fast_one_whose_sends_wait_is_not() -> None:

@@ -971,18 +971,31 @@ async def test_stopping_is_available_in_the_producers_finally(producer: str) -> 
     assert seen == [True]
 
 
-@pytest.mark.parametrize("returns", [True, False], ids=["last-send-returns", "last-send-held"])
-async def test_divergence_2_the_last_send_gets_cleanup_timeout_after_a_disconnect(returns: bool) -> None:
-    """The client leaves while the server holds the last message. A server whose disconnect just
-    ends the response returns from that send: COMPLETED. One that never returns (hypercorn over
-    HTTP/2 after a stream reset) is let go after ``cleanup_timeout``: DISCONNECTED, as Starlette's
-    listener would cancel it, and the background task still runs once."""
+@pytest.mark.parametrize(
+    ("returns", "declared", "outcome"),
+    [
+        pytest.param(True, False, Outcome.COMPLETED, id="last-send-returns"),
+        pytest.param(False, False, Outcome.DISCONNECTED, id="last-send-held"),
+        pytest.param(False, True, Outcome.COMPLETED, id="declared-length-out-then-last-send-held"),
+    ],
+)
+async def test_divergence_2_the_last_send_gets_cleanup_timeout_after_a_disconnect(
+    returns: bool, declared: bool, outcome: Outcome
+) -> None:
+    """The client leaves while the server holds the last message (or, with a content-length, once
+    every declared byte is out, before the last message). A server whose disconnect just ends the
+    response returns from that send: COMPLETED. One that never returns (hypercorn over HTTP/2
+    after a stream reset) is let go after ``cleanup_timeout``, as Starlette's listener would cancel
+    it: DISCONNECTED, or COMPLETED if every declared byte was out. The background task runs once."""
     release = anyio.Event()
     ran: list[str] = []
 
     async def hold_the_last(server: FakeServer, message: Message) -> None:
-        if not message.get("more_body", False):
+        if declared and message.get("body") == b"last":
             server.leave()
+        if not message.get("more_body", False):
+            if not declared:
+                server.leave()
             await server.disconnect_delivered.wait()
             if returns:
                 return
@@ -992,9 +1005,10 @@ async def test_divergence_2_the_last_send_gets_cleanup_timeout_after_a_disconnec
         yield b"first"
         yield b"last"
 
-    response = StreamingResponse(body(), background=BackgroundTask(lambda: ran.append("background")))
-    response.cleanup_timeout = 0.05 if not returns else WATCHDOG * 10
+    headers = {"content-length": "9"} if declared else None
+    response = StreamingResponse(body(), headers=headers, background=BackgroundTask(lambda: ran.append("background")))
+    response.cleanup_timeout = WATCHDOG * 10 if returns else 0.05
     server = FakeServer(on_body=hold_the_last)
     await call(response, server)
-    assert response.outcome is (Outcome.COMPLETED if returns else Outcome.DISCONNECTED)
+    assert response.outcome is outcome
     assert ran == ["background"]
