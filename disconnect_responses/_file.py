@@ -363,24 +363,19 @@ class FileTransfer:
         if start == end and last:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         while position < end:
+            cached = b""
             if ahead is not None:
                 slices = await ahead.result()
                 ahead = None
             else:
                 size = min(self.pacer.chunk_size, end - position)
-                cached = self._read_cached(fd, size, position)
-                if cached:
-                    position += len(cached)
-                    await send({"type": "http.response.body", "body": cached, "more_body": not last or position < end})
-                    self.pacer.sent(len(cached), self.race.send_took)
-                    await anyio.lowlevel.checkpoint()
-                    continue
-                slices = await anyio.to_thread.run_sync(_read_slices, fd, size, position)
+                cached = self._from_cache(fd, size, position)
+                slices = [cached] if cached else await anyio.to_thread.run_sync(_read_slices, fd, size, position)
             if not slices:
                 await self._cut_short(send, end, position)
                 return False
             read_to = position + sum(map(len, slices))
-            if self.pacer.fast and read_to < end:
+            if self.pacer.fast and not cached and read_to < end:
                 # Divergence 11: a fast client's next chunk from the disk is read while this one is sent.
                 ahead = _ReadAhead(min(self.pacer.chunk_size, end - read_to))
                 task_group.start_soon(ahead.run, fd, read_to)
@@ -388,9 +383,12 @@ class FileTransfer:
                 position += len(data)
                 await send({"type": "http.response.body", "body": data, "more_body": not last or position < end})
                 self.pacer.sent(len(data), self.race.send_took)
+            if cached:
+                # A read on the loop's thread gave no other task a turn.
+                await anyio.lowlevel.checkpoint()
         return True
 
-    def _read_cached(self, fd: int, size: int, offset: int) -> bytes:
+    def _from_cache(self, fd: int, size: int, offset: int) -> bytes:
         """Up to ``size`` bytes (at most ``cached_read``) at ``offset`` if the page cache holds
         them, else ``b""``."""
         if self.cached_read is None:

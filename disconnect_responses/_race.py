@@ -131,8 +131,6 @@ class Race:
     _sending = False
     _send_began: float | None = None
     send_took = 0.0  # seconds the server's send() took for the last body message (FileResponse's pacing)
-    _last_done = False  # the last message's send returned
-    _last_returned: anyio.Event | None = None  # made by the listener if it has to wait for that send
     _yield_at = YIELD_EVERY_BYTES
     _final_sent = False
     _start_sent = False
@@ -426,10 +424,6 @@ class Race:
             await self._send(message)
             self._send_began = None
             self.send_took = time.monotonic() - began
-            if not more_body:
-                self._last_done = True
-                if self._last_returned is not None:
-                    self._last_returned.set()
             sent = self.bytes_sent = self.bytes_sent + len(message.get("body", b""))
             if sent == self._declared_length:
                 # Every declared byte is out: a server may call that the end (granian reports the
@@ -462,16 +456,12 @@ class Race:
             return
         if not self._final_sent:
             self.stop(Outcome.DISCONNECTED)
-        elif not self._last_done:
-            # The disconnect may be the end of this response, which its last send then completes;
-            # but hypercorn over HTTP/2 can keep that send waiting forever on a client that reset
-            # the stream, so it gets cleanup_timeout (Starlette cancels it at once). The body's
-            # end cancels this wait.
-            returned = self._last_returned = anyio.Event()
-            with anyio.move_on_after(self._cleanup_timeout):
-                await returned.wait()
-            if not returned.is_set():
-                self.stop(Outcome.DISCONNECTED)
+        else:
+            # The disconnect may be the end of this response, whose body then ends and cancels
+            # this wait; but hypercorn over HTTP/2 can hold the last send forever on a client that
+            # reset the stream, so the body gets cleanup_timeout (Starlette cancels it at once).
+            await anyio.sleep(self._cleanup_timeout)
+            self.stop(Outcome.DISCONNECTED)
 
     async def _watch_sends(self, limit: float) -> None:
         # Polling at a quarter of the timeout costs nothing per chunk; a send is let go between

@@ -68,6 +68,11 @@ def disk(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(disconnect_responses._file, "_read_cached", disconnect_responses._file._never_cached)
 
 
+needs_nowait = pytest.mark.skipif(
+    disconnect_responses._file._read_cached is disconnect_responses._file._never_cached,
+    reason="no RWF_NOWAIT reads here",
+)
+
 RANGES = [
     pytest.param([], id="plain"),
     pytest.param([("range", "bytes=1000-")], id="single-range"),
@@ -494,8 +499,7 @@ async def test_divergence_11_slow_client_never_gets_large_chunks(file: Path, mon
     assert max(iter_chunks(server.messages)) == FileResponse.chunk_size
 
 
-@pytest.mark.skipif(disconnect_responses._file._read_cached is disconnect_responses._file._never_cached,
-                    reason="no RWF_NOWAIT reads here")  # fmt: skip
+@needs_nowait
 async def test_divergence_11_what_the_cache_holds_is_read_without_a_worker_thread(
     file: Path, data: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -512,8 +516,7 @@ async def test_divergence_11_what_the_cache_holds_is_read_without_a_worker_threa
     assert response.outcome is Outcome.COMPLETED
 
 
-@pytest.mark.skipif(disconnect_responses._file._read_cached is disconnect_responses._file._never_cached,
-                    reason="no RWF_NOWAIT reads here")  # fmt: skip
+@needs_nowait
 @pytest.mark.parametrize(
     ("error", "tries"),
     [
