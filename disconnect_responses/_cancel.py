@@ -17,19 +17,65 @@ A4. ``type(task_group.cancel_scope)()`` makes a working cancel scope of the runn
     same as ``anyio.CancelScope()`` without its backend lookup (``scope_like``).
 A5. ``asyncio.run`` tears down by calling ``task.cancel()`` on every task left, then waits for
     them: a task whose ``cancel()`` refuses (``_Uncancellable``) keeps the loop alive until it ends.
+A6. On asyncio, ``type(anyio.CancelScope())`` makes a working cancel scope in any asyncio task, one
+    that AnyIO did not start included (``asyncio_scope``); a native ``Task.cancel()`` passes through
+    AnyIO's scopes, which swallow only their own cancellations.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
 
 logger = logging.getLogger("disconnect_responses")
+
+
+def current_asyncio_task() -> asyncio.Task[Any] | None:
+    """The running asyncio task, or ``None`` outside one (on trio)."""
+    try:
+        return asyncio.current_task()
+    except RuntimeError:
+        return None
+
+
+@functools.cache
+def _asyncio_scope_class() -> type[anyio.CancelScope]:
+    return type(anyio.CancelScope())
+
+
+def asyncio_scope() -> anyio.CancelScope:
+    """A new cancel scope on asyncio, without ``anyio.CancelScope()``'s backend lookup (A6)."""
+    return _asyncio_scope_class()()
+
+
+def uncancel(task: asyncio.Task[Any]) -> int:
+    """Withdraw one ``task.cancel()`` request; return how many remain (Python 3.11+; 3.10 keeps no
+    count, so none remain)."""
+    if sys.version_info >= (3, 11):
+        return task.uncancel()
+    return 0
+
+
+async def wait_for_task(task: asyncio.Task[Any]) -> bool:
+    """Wait for ``task``, which was stopped and ends soon, whatever cancels the caller meanwhile.
+    Returns whether the caller swallowed a native cancellation meanwhile, to be re-raised."""
+    if task.done():
+        return False  # as usual: the body's task woke the caller as it ended
+    cancelled = False
+    with anyio.CancelScope(shield=True):
+        while not task.done():
+            try:
+                await asyncio.wait((task,))
+            except asyncio.CancelledError:
+                cancelled = True
+    return cancelled
 
 
 def scope_like(scope: anyio.CancelScope) -> anyio.CancelScope:

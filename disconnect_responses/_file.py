@@ -205,6 +205,7 @@ class FileTransfer:
         self.response = response
         self.scope = scope
         self.race = race
+        race.time_sends = True  # the pacer judges a client by how long its sends take
         self.fd: int | None = None
         # At most this much per read on the loop's thread; until the file system says it cannot.
         self.cached_read: int | None = max(_CACHED_READ, response.chunk_size)

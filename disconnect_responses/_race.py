@@ -4,9 +4,11 @@ Private: the response classes in ``responses.py`` are the public face. One ``Rac
 call of a response and is handed what it needs: ``Race.respond`` runs the body with the race's
 guarded ``send`` in a child task, as Starlette does, while the calling task listens for
 ``http.disconnect``; a watchdog on slow sends and the shutdown watch (``_shutdown.py``) run beside
-them when asked. Whatever ends first calls ``stop(outcome)``: the body is cancelled where it waits
-and ``stopping()`` is set. Then the race closes the body's source and runs the background task
-(shielded where needed, ``_cancel.py``). Changes when how a response ends changes.
+them when asked. On asyncio, with nothing beside the body, the child is a plain asyncio task
+(``_race_in_tasks``): an AnyIO task group costs more than the rest of a small response. Whatever
+ends first calls ``stop(outcome)``: the body is cancelled where it waits and ``stopping()`` is set.
+Then the race closes the body's source and runs the background task (shielded where needed,
+``_cancel.py``). Changes when how a response ends changes.
 
 One stop, four names: ``Race.stop(outcome)`` decides the race (the first outcome wins) and
 cancels the body; ``Race.stopped`` says it was decided; ``Race.stopping()``, and the public
@@ -25,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import math
 import threading
 import time
 import types
@@ -39,7 +42,16 @@ from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect
 from starlette.types import Message, Receive, Scope, Send
 
-from ._cancel import logging_errors, scope_like, shielded, takes_stop
+from ._cancel import (
+    asyncio_scope,
+    current_asyncio_task,
+    logging_errors,
+    scope_like,
+    shielded,
+    takes_stop,
+    uncancel,
+    wait_for_task,
+)
 from ._shutdown import shutdown_watch
 from ._starlette import websocket_denial_send
 
@@ -130,7 +142,9 @@ class Race:
     _stopping: anyio.Event | None = None
     _sending = False
     _send_began: float | None = None
-    send_took = 0.0  # seconds the server's send() took for the last body message (FileResponse's pacing)
+    # Whether body sends are timed: for the send watchdog, and for FileResponse's pacing (send_took).
+    time_sends = False
+    send_took = 0.0  # seconds the server's send() took for the last body message
     _yield_at = YIELD_EVERY_BYTES
     _final_sent = False
     _start_sent = False
@@ -139,6 +153,10 @@ class Race:
     _guard: anyio.CancelScope | None = None
     _shutdown_grace: float | None = None
     _shutting_down = False
+    _grace_ends = math.inf
+    # On asyncio with nothing beside the body: the listening task, which stop() wakes (_race_in_tasks).
+    _listener: asyncio.Task[Any] | None = None
+    _woke_listener = False
     _beside: Sequence[Callable[[], Awaitable[None]]] = ()
     _send_lock: anyio.Lock | None = None
 
@@ -149,6 +167,8 @@ class Race:
         self._receive = receive
         self._send = websocket_denial_send(send) if scope["type"] == "websocket" else send
         self._send_timeout = response.send_timeout
+        if response.send_timeout is not None:
+            self.time_sends = True
         self._cleanup_timeout = response.cleanup_timeout
         self._started = time.monotonic()
 
@@ -212,6 +232,12 @@ class Race:
             self._stopping.set()
         if self._cancel_scope is not None:
             self._cancel_scope.cancel()
+        listener = self._listener
+        if listener is not None:
+            self._listener = None
+            if listener is not current_asyncio_task():
+                self._woke_listener = True
+                listener.cancel()
 
     def stopping(self) -> anyio.Event:
         """The event behind the public ``stopping()``."""
@@ -224,6 +250,11 @@ class Race:
 
     async def _run(self, body: Callable[[Send], Awaitable[None]]) -> None:
         try:
+            if self._scope["type"] == "http" and self._send_timeout is None and not self._beside:
+                listener = current_asyncio_task()
+                if listener is not None:
+                    await self._race_in_tasks(body, listener)
+                    return
             # Cancelling the task group's scope stops the body and the helpers at once.
             async with anyio.create_task_group() as task_group:
                 self._cancel_scope = task_group.cancel_scope
@@ -247,7 +278,9 @@ class Race:
                             self._stop_from_outside()
                         raise
                 else:
-                    await self._run_body(body)
+                    outcome = await self._run_body(body)
+                    if outcome is not None:
+                        self.stop(outcome)
         except anyio.get_cancelled_exc_class():
             self._stop_from_outside()
             raise
@@ -262,16 +295,65 @@ class Race:
             if self.outcome not in (None, Outcome.COMPLETED, Outcome.ERROR):
                 self._log_interruption()
 
+    async def _race_in_tasks(self, body: Callable[[Send], Awaitable[None]], listener: asyncio.Task[Any]) -> None:
+        """The race on asyncio when only the body and the listener run: the same two tasks as in
+        the task group, for a fraction of its cost per response (README, Design). The body runs
+        in a plain asyncio task under a cancel scope of its own, which stop() cancels; stop() wakes
+        this task, the listener, with a native cancellation that it withdraws."""
+        body_task = listener.get_loop().create_task(self._run_body_in_task(body))
+        self._listener = listener
+        try:
+            await self._listen_for_disconnect()
+        except asyncio.CancelledError:
+            if not self._woke_listener or uncancel(listener) > 0:
+                # From outside (maybe together with the wake-up): as in the task group.
+                self._listener = None
+                if not self.stopped:
+                    self._stop_from_outside()
+                await wait_for_task(body_task)
+                raise
+        self._listener = None
+        if await wait_for_task(body_task):
+            raise asyncio.CancelledError
+        body_task.result()  # an exception the body task let through (KeyboardInterrupt)
+
+    async def _run_body_in_task(self, body: Callable[[Send], Awaitable[None]]) -> None:
+        outcome = None
+        try:
+            with asyncio_scope() as self._cancel_scope:
+                if self.stopped:
+                    # The listener heard the disconnect before this task started.
+                    self._cancel_scope.cancel()
+                elif self._shutdown_grace is not None:
+                    shutdown_watch.add(self._on_shutdown)
+                try:
+                    outcome = await self._run_body(body)
+                finally:
+                    self._cancel_scope = None  # the body has ended: nothing left to cancel
+        except asyncio.CancelledError:
+            # Not this scope's: a producer awaiting a task that someone cancelled (as below).
+            self._stop_from_outside()
+            return
+        if outcome is not None:
+            self.stop(outcome)
+        elif not self.stopped:
+            # The end of the shutdown grace: the scope's deadline cancelled the body.
+            self._stop_from_outside()
+
     async def _run_body_in_child(self, body: Callable[[Send], Awaitable[None]]) -> None:
         try:
-            await self._run_body(body)
+            outcome = await self._run_body(body)
+            if outcome is not None:
+                self.stop(outcome)
         except anyio.get_cancelled_exc_class():
             # Swallowed: kept on the finished task, it would hold the body's frames in a cycle
             # (README, Design). One no scope sent (a producer awaiting a task that someone
             # cancelled) ends the response as a cancellation from outside would.
             self._stop_from_outside()
 
-    async def _run_body(self, body: Callable[[Send], Awaitable[None]]) -> None:
+    async def _run_body(self, body: Callable[[Send], Awaitable[None]]) -> Outcome | None:
+        """Run the body; return how it ended, for the caller to stop with, or ``None`` when the
+        race was decided meanwhile."""
         assert self._cancel_scope is not None  # for mypy: set before the body starts
         try:
             # Shielded by drive() once the race is decided, so that a producer's cleanup can
@@ -279,12 +361,11 @@ class Race:
             with scope_like(self._cancel_scope) as self._guard:
                 await body(self.send)
         except _Stopped:
-            pass  # stopped already
+            return None  # stopped already
         except Exception as exc:
             self.error = exc
-            self.stop(Outcome.ERROR)
-        else:
-            self.stop(Outcome.COMPLETED)
+            return Outcome.ERROR
+        return Outcome.COMPLETED
 
     async def _run_beside(self, task: Callable[[], Awaitable[None]]) -> None:
         try:
@@ -301,7 +382,7 @@ class Race:
         # where AnyIO's own functions may find no backend: ``now`` is the loop's clock.
         if self.stopped or self._shutting_down:
             return
-        assert self._cancel_scope is not None and self._shutdown_grace is not None  # registered in _run
+        assert self._cancel_scope is not None and self._shutdown_grace is not None  # registered with both
         if self._shutdown_grace == 0:
             self.stop(Outcome.SHUTDOWN)
             return
@@ -310,18 +391,14 @@ class Race:
             self._stopping.set()
         # The race's own scope runs out at the end of the grace: a cancellation of it that no
         # stop() decided is this one (_stop_from_outside).
-        self._cancel_scope.deadline = now + self._shutdown_grace
+        self._grace_ends = self._cancel_scope.deadline = now + self._shutdown_grace
 
     def _stop_from_outside(self) -> None:
         """Stop for a cancellation that no ``stop()`` decided: the shutdown grace ran out (the
         race's own scope reached its deadline), or someone cancelled the response (``CANCELLED``)."""
         # Not the scope's cancel_called: on trio a nursery cancels its own scope when a cancellation
         # from outside reaches a task beside the body (the ping, the send watchdog) first.
-        grace_over = (
-            self._shutting_down
-            and self._cancel_scope is not None
-            and self._cancel_scope.deadline <= anyio.current_time()
-        )
+        grace_over = self._grace_ends <= anyio.current_time()
         self.stop(Outcome.SHUTDOWN if grace_over else Outcome.CANCELLED)
 
     async def _end_open_body(self) -> None:
@@ -420,10 +497,13 @@ class Race:
             if not more_body:
                 # From here on the listener's http.disconnect may just be the end of this response.
                 self._final_sent = True
-            began = self._send_began = time.monotonic()
-            await self._send(message)
-            self._send_began = None
-            self.send_took = time.monotonic() - began
+            if self.time_sends:
+                began = self._send_began = time.monotonic()
+                await self._send(message)
+                self._send_began = None
+                self.send_took = time.monotonic() - began
+            else:
+                await self._send(message)
             sent = self.bytes_sent = self.bytes_sent + len(message.get("body", b""))
             if sent == self._declared_length:
                 # Every declared byte is out: a server may call that the end (granian reports the
@@ -444,6 +524,8 @@ class Race:
         try:
             messages = 0
             while (await self._receive())["type"] != "http.disconnect":
+                if self.stopped:
+                    return  # decided meanwhile, by a stop whose wake-up this receive() swallowed
                 messages += 1
                 if messages > 1:
                     # The request's body is usually one message; a server that keeps answering at
@@ -453,6 +535,8 @@ class Race:
             if self.error is None:
                 self.error = exc
             self.stop(Outcome.ERROR)
+            return
+        if self.stopped:
             return
         if not self._final_sent:
             self.stop(Outcome.DISCONNECTED)

@@ -1,6 +1,6 @@
 """The private behaviour of AnyIO, asyncio, trio, Starlette and the servers that the library relies on.
 
-Each test pins one assumption listed in a module header (A1-A5 in ``_cancel.py``, S1-S2 in
+Each test pins one assumption listed in a module header (A1-A6 in ``_cancel.py``, S1-S2 in
 ``_shutdown.py``, R1 in ``_race.py``, F1-F3 in ``_fastapi.py``); its failure message names the assumption, so that a new
 release of a dependency fails here, by name, instead of as a puzzling divergence-14 or shutdown test.
 """
@@ -28,7 +28,7 @@ import starlette.responses
 import trio
 from starlette.types import Message
 
-from disconnect_responses._cancel import _cancels, _Uncancellable, from_a_cancel_scope, scope_like
+from disconnect_responses._cancel import _cancels, _Uncancellable, asyncio_scope, from_a_cancel_scope, scope_like
 
 pytestmark = pytest.mark.anyio
 
@@ -154,6 +154,35 @@ def test_a5_asyncio_run_cancels_left_tasks_and_waits_for_them() -> None:
     asyncio.run(main())
     assert cancel_calls and finished == [True], broken(
         "A5 (asyncio.run's teardown)", f"cancel() called {len(cancel_calls)} times, cleanup finished: {finished}"
+    )
+
+
+def test_a6_an_asyncio_scope_works_in_a_plain_task_and_lets_a_native_cancel_through() -> None:
+    outcomes: list[str] = []
+
+    async def in_plain_task() -> None:
+        with asyncio_scope() as scope:
+            asyncio.get_running_loop().call_soon(scope.cancel)
+            await asyncio.sleep(WATCHDOG)
+        outcomes.append("own cancellation caught" if scope.cancelled_caught else "not caught")
+        with asyncio_scope():
+            task = asyncio.current_task()
+            assert task is not None
+            asyncio.get_running_loop().call_soon(task.cancel)
+            try:
+                await asyncio.sleep(WATCHDOG)
+            except asyncio.CancelledError:
+                outcomes.append("native cancellation passed")
+                raise
+
+    async def main() -> None:
+        task = asyncio.get_running_loop().create_task(in_plain_task())
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, WATCHDOG)
+
+    anyio.run(main, backend="asyncio")
+    assert outcomes == ["own cancellation caught", "native cancellation passed"], broken(
+        "A6 (an AnyIO scope in a plain asyncio task)", outcomes
     )
 
 

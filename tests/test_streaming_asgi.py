@@ -1012,3 +1012,52 @@ async def test_divergence_2_the_last_send_gets_cleanup_timeout_after_a_disconnec
     await call(response, server)
     assert response.outcome is outcome
     assert ran == ["background"]
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="Python 3.10 keeps no count of cancellation requests")
+@pytest.mark.usefixtures("asyncio_only")
+async def test_a_native_cancellation_landing_as_the_body_ends_still_reaches_the_server() -> None:
+    """On asyncio the body's end wakes the listener with a native cancellation that the race withdraws;
+    a server's own ``task.cancel()`` in the same turn is not withdrawn with it: the body completed, and
+    the cancellation reaches the server."""
+    client = FakeServer()
+    tasks: list[asyncio.Future[None]] = []
+
+    async def send(message: Message) -> None:
+        await client.send(message)
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            tasks[0].cancel()
+
+    async def produce() -> AsyncIterator[bytes]:
+        yield CHUNK
+
+    response = StreamingResponse(produce())
+    with anyio.fail_after(WATCHDOG):
+        tasks.append(asyncio.ensure_future(response(client.scope(), client.receive, send)))
+        with pytest.raises(asyncio.CancelledError):
+            await tasks[0]
+    assert response.outcome is Outcome.COMPLETED
+    assert client.body == CHUNK
+
+
+async def test_a_receive_that_swallows_the_listener_s_cancellation_does_not_hang_the_response() -> None:
+    """A server (or a middleware) whose ``receive()`` answers a cancellation with a message instead of
+    raising it: the listener sees that the race was decided and returns."""
+    client = FakeServer()
+
+    async def receive() -> Message:
+        try:
+            await anyio.sleep_forever()
+        except anyio.get_cancelled_exc_class():
+            return {"type": "http.request", "body": b"", "more_body": False}
+        raise AssertionError("unreachable")
+
+    async def produce() -> AsyncIterator[bytes]:
+        await anyio.lowlevel.checkpoint()
+        yield CHUNK
+
+    response = StreamingResponse(produce())
+    with anyio.fail_after(WATCHDOG):
+        await response(client.scope(), receive, client.send)
+    assert response.outcome is Outcome.COMPLETED
+    assert client.body == CHUNK
