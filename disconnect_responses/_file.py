@@ -386,7 +386,7 @@ class FileTransfer:
                 self.pacer.sent(len(data), self.race.send_took)
             if cached:
                 # A read on the loop's thread gave no other task a turn.
-                await anyio.lowlevel.checkpoint()
+                await self.race.checkpoint()
         return True
 
     def _from_cache(self, fd: int, size: int, offset: int) -> bytes:

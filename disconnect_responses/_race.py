@@ -43,6 +43,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Message, Receive, Scope, Send
 
 from ._cancel import (
+    asyncio_checkpoint,
     asyncio_scope,
     current_asyncio_task,
     logging_errors,
@@ -158,6 +159,8 @@ class Race:
     _listener: asyncio.Task[Any] | None = None
     _woke_listener = False
     _beside: Sequence[Callable[[], Awaitable[None]]] = ()
+    # A turn of the event loop for the body (anyio.lowlevel.checkpoint() looks up the backend per call).
+    checkpoint: Callable[[], Awaitable[None]] = staticmethod(anyio.lowlevel.checkpoint)
     _send_lock: anyio.Lock | None = None
 
     def __init__(self, response: Guarded, scope: Scope, receive: Receive, send: Send) -> None:
@@ -250,9 +253,10 @@ class Race:
 
     async def _run(self, body: Callable[[Send], Awaitable[None]]) -> None:
         try:
-            if self._scope["type"] == "http" and self._send_timeout is None and not self._beside:
-                listener = current_asyncio_task()
-                if listener is not None:
+            listener = current_asyncio_task()
+            if listener is not None:
+                self.checkpoint = asyncio_checkpoint
+                if self._scope["type"] == "http" and self._send_timeout is None and not self._beside:
                     await self._race_in_tasks(body, listener)
                     return
             # Cancelling the task group's scope stops the body and the helpers at once.
@@ -515,7 +519,7 @@ class Race:
                     raise _Stopped
                 if sent >= self._yield_at:
                     self._yield_at = sent + YIELD_EVERY_BYTES
-                    await anyio.lowlevel.checkpoint()
+                    await self.checkpoint()
         except CLIENT_GONE:
             self.stop(Outcome.DISCONNECTED)
             raise _Stopped from None
