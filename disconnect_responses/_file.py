@@ -376,8 +376,10 @@ class FileTransfer:
                 await self._cut_short(send, end, position)
                 return False
             read_to = position + sum(map(len, slices))
-            if self.pacer.fast and not cached and read_to < end:
-                # Divergence 11: a fast client's next chunk from the disk is read while this one is sent.
+            if self.pacer.fast and not cached and read_to < end and not self._in_cache(fd, read_to):
+                # Divergence 11: a fast client's next chunk from the disk is read while this one is
+                # sent (where the cache holds it, it is read from there: a few evicted pages must not
+                # send the rest of the file through worker threads).
                 ahead = _ReadAhead(min(self.pacer.chunk_size, end - read_to))
                 task_group.start_soon(ahead.run, fd, read_to)
             for data in slices:
@@ -392,8 +394,16 @@ class FileTransfer:
     def _from_cache(self, fd: int, size: int, offset: int) -> bytes:
         """Up to ``size`` bytes (at most ``cached_read``) at ``offset`` if the page cache holds
         them, else ``b""``."""
+        read = self._cached_view(fd, size, offset)
+        return bytes(read) if read is not None else b""
+
+    def _in_cache(self, fd: int, offset: int) -> bool:
+        """Whether the page cache holds the byte at ``offset``."""
+        return self._cached_view(fd, 1, offset) is not None
+
+    def _cached_view(self, fd: int, size: int, offset: int) -> memoryview | None:
         if self.cached_read is None:
-            return b""
+            return None
         buffer = _scratch(offset, min(size, self.cached_read))
         try:
             read = _read_cached(fd, buffer, offset)
@@ -401,8 +411,8 @@ class FileTransfer:
             if exc.errno not in _NOWAIT_UNSUPPORTED:
                 raise
             self.cached_read = None  # this file system cannot read without waiting: ask no more
-            return b""
-        return bytes(buffer[:read]) if read else b""
+            return None
+        return buffer[:read] if read else None
 
     async def _cut_short(self, send: Send, expected: int, got: int) -> None:
         # Divergence 10. Over HTTP/1 the response is left without its last message, which makes

@@ -517,6 +517,37 @@ async def test_divergence_11_what_the_cache_holds_is_read_without_a_worker_threa
 
 
 @needs_nowait
+@pytest.mark.usefixtures("fast")
+async def test_divergence_11_a_fast_client_returns_to_the_cache_after_a_few_evicted_pages(
+    file: Path, data: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pages missing from the cache in the middle of the file are read in a worker thread, and the
+    rest of the file, which the cache holds, is read from the cache again: one disk read, no
+    read-ahead into what the cache holds."""
+    evicted = range(SIZE // 2, SIZE // 2 + 4096)
+    read_cached = disconnect_responses._file._read_cached
+    thread_reads: list[int] = []
+
+    def cache_missing_a_page(fd: int, buffer: memoryview, offset: int) -> int | None:
+        if offset <= evicted.start < offset + len(buffer) or offset in evicted:
+            return None
+        return read_cached(fd, buffer, offset)
+
+    def read_at(fd: int, size: int, offset: int) -> bytes:
+        thread_reads.append(offset)
+        return os.pread(fd, size, offset)
+
+    monkeypatch.setattr(disconnect_responses._file, "_read_cached", cache_missing_a_page)
+    monkeypatch.setattr(disconnect_responses._file, "_read_at", read_at)
+    server = FakeServer()
+    await call(FileResponse(file), server)
+    assert server.body == data
+    # The one chunk holding the missing page (256 KiB, read in slices of 100 KiB), nothing after it.
+    assert thread_reads and thread_reads[0] <= evicted.start
+    assert thread_reads[-1] - thread_reads[0] < FileResponse.max_chunk_size
+
+
+@needs_nowait
 @pytest.mark.parametrize(
     ("error", "tries"),
     [
