@@ -53,12 +53,13 @@ by a test that names its number:
     content-length makes the server raise a protocol error (a traceback; uvicorn's h11 leaves the
     client waiting if the app then returns), or, for several ranges, raises ``RuntimeError``.
 11. What the page cache holds is read on the event loop's thread (``os.preadv`` with
-    ``RWF_NOWAIT``, which fails rather than wait for the disk), with a turn of the loop after each
-    read and send; only a read that would wait goes to a worker thread, where Starlette pays a
+    ``RWF_NOWAIT``, which fails rather than wait for the disk), with two turns of the loop after
+    each read and send; only a read that would wait goes to a worker thread, where Starlette pays a
     thread round trip for every 64 KiB. Chunks start at ``chunk_size`` (64 KiB, as Starlette's); a
     client that has taken 8 MiB (socket buffers make every client look fast until then) and whose
-    sends wait less than 1 s per 256 MiB gets 128 KiB chunks from the cache, or ``max_chunk_size``
-    (4 MiB) from the disk, read while the previous one is sent and sent in 512 KiB slices. A slow
+    sends wait less than 1 s per 256 MiB gets 512 KiB chunks from the cache, or ``max_chunk_size``
+    (4 MiB) from the disk, read while the previous one is sent and sent in 512 KiB slices (after
+    a read from the disk, the cache is asked first again). A slow
     client holds one 64 KiB chunk, as under Starlette. The bytes are Starlette's; the message
     boundaries are not (no empty last message when the size is a multiple of 64 KiB).
 12. It behaves as Starlette 1.10's on every supported Starlette: the range parsing, ``If-Range``,
