@@ -18,6 +18,7 @@ import os
 import stat
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from http import HTTPStatus
 from secrets import token_hex
@@ -127,6 +128,49 @@ class _ReadAhead:
             finally:
                 error = None
         return self.data
+
+
+class _Turns:
+    """Whose turn it is to read and send a large chunk from the cache, among the fast downloads on
+    one event loop: one at a time, in the order they asked, and a loop turn without file work
+    after each, so that any number of downloads holds up a small request as one does."""
+
+    def __init__(self) -> None:
+        self.busy = False
+        self.waiting: deque[anyio.Event] = deque()
+
+    async def take(self) -> None:
+        if not self.busy:
+            self.busy = True
+            return
+        handed = anyio.Event()
+        self.waiting.append(handed)
+        try:
+            await handed.wait()
+        except BaseException:
+            if handed.is_set():
+                self.hand_over()  # handed over, and stopped before it could use the turn
+            else:
+                self.waiting.remove(handed)
+            raise
+
+    def hand_over(self) -> None:
+        if self.waiting:
+            self.waiting.popleft().set()
+        else:
+            self.busy = False
+
+
+_turns_of_loop: anyio.lowlevel.RunVar[_Turns] = anyio.lowlevel.RunVar("disconnect_responses.file_turns")
+
+
+def _turns() -> _Turns:
+    try:
+        return _turns_of_loop.get()
+    except LookupError:
+        turns = _Turns()
+        _turns_of_loop.set(turns)
+        return turns
 
 
 def _read_slices(fd: int, size: int, offset: int) -> list[bytes]:
@@ -362,22 +406,37 @@ class FileTransfer:
         assert fd is not None
         position = start
         ahead: _ReadAhead | None = None
+        turns: _Turns | None = None
         if start == end and last:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         while position < end:
-            cached = b""
-            if ahead is not None:
+            size = min(self.pacer.chunk_size, end - position)
+            if ahead is None:
+                if self.pacer.fast:
+                    # A large chunk from the cache waits for its turn among the fast downloads.
+                    if turns is None:
+                        turns = _turns()
+                    await turns.take()
+                    try:
+                        sent = await self._send_cached(send, fd, size, position, end, last)
+                    finally:
+                        turns.hand_over()
+                else:
+                    sent = await self._send_cached(send, fd, size, position, end, last)
+                if sent:
+                    position += sent
+                    # The second turn: what the poll of the sockets woke runs before more file work.
+                    await self.race.checkpoint()
+                    continue
+                slices = await anyio.to_thread.run_sync(_read_slices, fd, size, position)
+            else:
                 slices = await ahead.result()
                 ahead = None
-            else:
-                size = min(self.pacer.chunk_size, end - position)
-                cached = self._from_cache(fd, size, position)
-                slices = [cached] if cached else await anyio.to_thread.run_sync(_read_slices, fd, size, position)
             if not slices:
                 await self._cut_short(send, end, position)
                 return False
             read_to = position + sum(map(len, slices))
-            if self.pacer.fast and not cached and read_to < end and not self._in_cache(fd, read_to):
+            if self.pacer.fast and read_to < end and not self._in_cache(fd, read_to):
                 # Divergence 11: a fast client's next chunk from the disk is read while this one is
                 # sent (where the cache holds it, it is read from there: a few evicted pages must not
                 # send the rest of the file through worker threads).
@@ -387,13 +446,22 @@ class FileTransfer:
                 position += len(data)
                 await send({"type": "http.response.body", "body": data, "more_body": not last or position < end})
                 self.pacer.sent(len(data), self.race.send_took)
-            if cached:
-                # A read on the loop's thread gave no other task a turn. Two turns: what the next
-                # poll of the sockets wakes runs in a turn without file work (a small request
-                # needs several turns, and would otherwise wait behind a read and send in each).
-                await self.race.checkpoint()
-                await self.race.checkpoint()
         return True
+
+    async def _send_cached(self, send: Send, fd: int, size: int, position: int, end: int, last: bool) -> int:
+        """Read up to ``size`` bytes at ``position`` from the page cache on the loop's thread and send
+        them, then give the loop a turn (the read gave none); how many bytes, 0 if the cache does not
+        hold them. With the turn after the caller's, what the next poll of the sockets wakes runs
+        in a turn without file work (a small request needs several turns, and would otherwise wait
+        behind a read and send in each)."""
+        data = self._from_cache(fd, size, position)
+        if data:
+            await send(
+                {"type": "http.response.body", "body": data, "more_body": not last or position + len(data) < end}
+            )
+            self.pacer.sent(len(data), self.race.send_took)
+            await self.race.checkpoint()
+        return len(data)
 
     def _from_cache(self, fd: int, size: int, offset: int) -> bytes:
         """Up to ``size`` bytes (at most ``cached_read``) at ``offset`` if the page cache holds

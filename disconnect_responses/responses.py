@@ -54,7 +54,8 @@ by a test that names its number:
     client waiting if the app then returns), or, for several ranges, raises ``RuntimeError``.
 11. What the page cache holds is read on the event loop's thread (``os.preadv`` with
     ``RWF_NOWAIT``, which fails rather than wait for the disk), with two turns of the loop after
-    each read and send; only a read that would wait goes to a worker thread, where Starlette pays a
+    each read and send, and the fast downloads on one loop taking turns for these reads and sends;
+    only a read that would wait goes to a worker thread, where Starlette pays a
     thread round trip for every 64 KiB. Chunks start at ``chunk_size`` (64 KiB, as Starlette's); a
     client that has taken 8 MiB (socket buffers make every client look fast until then) and whose
     sends wait less than 1 s per 256 MiB gets 512 KiB chunks from the cache, or ``max_chunk_size``

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import pytest
 from starlette.background import BackgroundTask
 from starlette.types import Message, Scope
@@ -545,6 +546,51 @@ async def test_divergence_11_a_fast_client_returns_to_the_cache_after_a_few_evic
     # The one chunk holding the missing page (256 KiB, read in slices of 100 KiB), nothing after it.
     assert thread_reads and thread_reads[0] <= evicted.start
     assert thread_reads[-1] - thread_reads[0] < FileResponse.max_chunk_size
+
+
+@pytest.mark.usefixtures("fast")
+async def test_divergence_11_fast_downloads_on_one_loop_take_turns_and_all_complete(file: Path, data: bytes) -> None:
+    servers = [FakeServer() for _ in range(4)]
+    responses = [FileResponse(file) for _ in servers]
+    async with anyio.create_task_group() as task_group:
+        for response, server in zip(responses, servers, strict=True):
+            task_group.start_soon(call, response, server)
+    assert all(server.body == data for server in servers)
+    assert all(response.outcome is Outcome.COMPLETED for response in responses)
+    assert not disconnect_responses._file._turns().busy
+
+
+async def waiting_for(turns: disconnect_responses._file._Turns, count: int) -> None:
+    while len(turns.waiting) < count:
+        await anyio.lowlevel.checkpoint()
+
+
+async def test_divergence_11_a_download_stopped_while_it_waits_for_its_turn_passes_it_on() -> None:
+    """Turns go in the order asked; a download stopped while it waits leaves the queue, and one
+    stopped just as the turn was handed to it hands it on: no download waits forever."""
+    turns = disconnect_responses._file._Turns()
+    got: list[str] = []
+
+    async def download(name: str, scope: anyio.CancelScope | None = None) -> None:
+        with scope or anyio.CancelScope():
+            await turns.take()
+            got.append(name)
+            turns.hand_over()
+
+    await turns.take()
+    with anyio.fail_after(WATCHDOG):
+        async with anyio.create_task_group() as task_group:
+            stopped_waiting, stopped_when_handed = anyio.CancelScope(), anyio.CancelScope()
+            task_group.start_soon(download, "stopped while waiting", stopped_waiting)
+            task_group.start_soon(download, "stopped when handed the turn", stopped_when_handed)
+            task_group.start_soon(download, "next")
+            await waiting_for(turns, 3)
+            stopped_waiting.cancel()
+            turns.hand_over()
+            stopped_when_handed.cancel()
+    # On trio a task already woken with the turn runs on: it took the turn and handed it over.
+    assert got in (["next"], ["stopped when handed the turn", "next"])
+    assert not turns.busy and not turns.waiting
 
 
 @needs_nowait
