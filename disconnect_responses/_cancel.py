@@ -19,7 +19,8 @@ A5. ``asyncio.run`` tears down by calling ``task.cancel()`` on every task left, 
     them: a task whose ``cancel()`` refuses (``_Uncancellable``) keeps the loop alive until it ends.
 A6. On asyncio, ``type(anyio.CancelScope())`` makes a working cancel scope in any asyncio task, one
     that AnyIO did not start included (``asyncio_scope``); a native ``Task.cancel()`` passes through
-    AnyIO's scopes, which swallow only their own cancellations.
+    an AnyIO scope that is not cancelled itself (one cancelled in the same turn may swallow it on
+    AnyIO 4.1: the listener then sees its ``receive()`` return after the stop).
 """
 
 from __future__ import annotations
@@ -58,6 +59,19 @@ def _asyncio_scope_class() -> type[anyio.CancelScope]:
 def asyncio_scope() -> anyio.CancelScope:
     """A new cancel scope on asyncio, without ``anyio.CancelScope()``'s backend lookup (A6)."""
     return _asyncio_scope_class()()
+
+
+def cancelling(task: asyncio.Task[Any]) -> int:
+    """How many ``task.cancel()`` requests are pending (Python 3.11+; 3.10 keeps no count: 0)."""
+    if sys.version_info >= (3, 11):
+        return task.cancelling()
+    return 0
+
+
+def retrieve(task: asyncio.Task[Any]) -> None:
+    """Mark the ended ``task``'s exception as seen: the caller raises one of its own."""
+    if not task.cancelled():
+        task.exception()
 
 
 def uncancel(task: asyncio.Task[Any]) -> int:

@@ -45,8 +45,10 @@ from starlette.types import Message, Receive, Scope, Send
 from ._cancel import (
     asyncio_checkpoint,
     asyncio_scope,
+    cancelling,
     current_asyncio_task,
     logging_errors,
+    retrieve,
     scope_like,
     shielded,
     takes_stop,
@@ -304,22 +306,32 @@ class Race:
         the task group, for a fraction of its cost per response (README, Design). The body runs
         in a plain asyncio task under a cancel scope of its own, which stop() cancels; stop() wakes
         this task, the listener, with a native cancellation that it withdraws."""
+        # Cancellation requests the server's task carried in, which are not the wake-up's.
+        carried = cancelling(listener)
         body_task = listener.get_loop().create_task(self._run_body_in_task(body))
-        self._listener = listener
-        try:
-            await self._listen_for_disconnect()
-        except asyncio.CancelledError:
-            if not self._woke_listener or uncancel(listener) > 0:
-                # From outside (maybe together with the wake-up): as in the task group.
-                self._listener = None
-                if not self.stopped:
-                    self._stop_from_outside()
-                await wait_for_task(body_task)
-                raise
-        self._listener = None
+        # An eager task factory runs the body's first step in create_task(): it may have ended.
+        if not self.stopped:
+            self._listener = listener
+            try:
+                await self._listen_for_disconnect()
+            except BaseException as exc:
+                woken = isinstance(exc, asyncio.CancelledError) and self._woke_listener
+                if not woken or uncancel(listener) > carried:
+                    # From outside (maybe together with the wake-up), or raised by receive(): as
+                    # in the task group, the body stops and is waited for.
+                    self._listener = None
+                    if not self.stopped:
+                        self._stop_from_outside()
+                    await wait_for_task(body_task)
+                    retrieve(body_task)
+                    raise
+            else:
+                if self._woke_listener and cancelling(listener) > carried:
+                    uncancel(listener)  # a receive() swallowed the wake-up and returned a message
+            self._listener = None
         if await wait_for_task(body_task):
             raise asyncio.CancelledError
-        body_task.result()  # an exception the body task let through (KeyboardInterrupt)
+        body_task.result()  # a BaseException the body raised (not an Exception: that is the outcome's)
 
     async def _run_body_in_task(self, body: Callable[[Send], Awaitable[None]]) -> None:
         outcome = None
@@ -338,6 +350,10 @@ class Race:
             # Not this scope's: a producer awaiting a task that someone cancelled (as below).
             self._stop_from_outside()
             return
+        except BaseException:
+            if not self.stopped:
+                self._stop_from_outside()  # and the listener re-raises it
+            raise
         if outcome is not None:
             self.stop(outcome)
         elif not self.stopped:

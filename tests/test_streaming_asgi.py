@@ -8,6 +8,7 @@ blocks forever (a stalled client). Every test runs on asyncio and trio, under ``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import functools
 import gc
@@ -1059,5 +1060,106 @@ async def test_a_receive_that_swallows_the_listener_s_cancellation_does_not_hang
     response = StreamingResponse(produce())
     with anyio.fail_after(WATCHDOG):
         await response(client.scope(), receive, client.send)
+    assert response.outcome is Outcome.COMPLETED
+    assert client.body == CHUNK
+    assert_no_cancellation_left()
+
+
+def assert_no_cancellation_left(carried: int = 0) -> None:
+    """On asyncio (3.11+), the race's wake-up of the server's task was withdrawn."""
+    with contextlib.suppress(RuntimeError):  # not on asyncio
+        task = asyncio.current_task()
+        if task is not None and sys.version_info >= (3, 11):
+            assert task.cancelling() == carried
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="Python 3.10 keeps no count of cancellation requests")
+@pytest.mark.usefixtures("asyncio_only")
+async def test_a_cancellation_the_server_s_task_carries_in_is_not_taken_for_the_wake_up() -> None:
+    """Earlier code in the server's task swallowed a cancellation without withdrawing it: the
+    response still completes and returns, and leaves the count as it found it."""
+    task = asyncio.current_task()
+    assert task is not None
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.sleep(WATCHDOG)
+    client = FakeServer()
+
+    async def produce() -> AsyncIterator[bytes]:
+        await anyio.lowlevel.checkpoint()
+        yield CHUNK
+
+    response = StreamingResponse(produce())
+    try:
+        with anyio.CancelScope(), anyio.fail_after(WATCHDOG):
+            await response(client.scope(), client.receive, client.send)
+        assert response.outcome is Outcome.COMPLETED
+        assert client.body == CHUNK
+        assert_no_cancellation_left(carried=1)
+    finally:
+        task.uncancel()  # type: ignore[attr-defined,unused-ignore]
+
+
+class Abort(BaseException):
+    """Neither an ``Exception`` nor a cancellation."""
+
+
+def holds_abort(exc: BaseException) -> bool:
+    return isinstance(exc, Abort) or any(holds_abort(inner) for inner in getattr(exc, "exceptions", ()))
+
+
+@pytest.mark.parametrize("raised_by", ["receive", "body"])
+async def test_a_base_exception_stops_the_response_and_propagates(raised_by: str) -> None:
+    """A ``BaseException`` from the server's ``receive()`` or from the producer stops the response
+    (``CANCELLED``), closes the producer and propagates; nothing is left running."""
+    log = Log()
+    client = FakeServer()
+    producing = anyio.Event()
+
+    async def receive() -> Message:
+        if raised_by == "receive":
+            await producing.wait()
+            raise Abort
+        return await client.receive()
+
+    async def produce() -> AsyncIterator[bytes]:
+        try:
+            yield CHUNK
+            producing.set()
+            if raised_by == "body":
+                raise Abort
+            await anyio.sleep_forever()
+        finally:
+            log.closed()
+
+    response = StreamingResponse(produce(), background=log.task())
+    with anyio.fail_after(WATCHDOG):
+        with pytest.raises(BaseException) as raised:
+            await response(client.scope(), receive, client.send)
+    assert holds_abort(raised.value)  # bare, or in a group (from the task group on trio)
+    assert response.outcome is Outcome.CANCELLED
+    assert log.events == ["closed", "background"]
+    assert_no_cancellation_left()
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="asyncio.eager_task_factory is new in Python 3.12")
+@pytest.mark.usefixtures("asyncio_only")
+async def test_an_eager_task_factory_that_runs_the_whole_body_at_once() -> None:
+    """Under an eager task factory the body's task runs its first step as it is created, before the
+    listener listens; a body that ends there ends the response."""
+    loop = asyncio.get_running_loop()
+    previous = loop.get_task_factory()
+    loop.set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined,unused-ignore]
+    try:
+        client = FakeServer()
+
+        async def produce() -> AsyncIterator[bytes]:
+            yield CHUNK
+
+        response = StreamingResponse(produce())
+        with anyio.fail_after(WATCHDOG):
+            await response(client.scope(), client.receive, client.send)
+    finally:
+        loop.set_task_factory(previous)
     assert response.outcome is Outcome.COMPLETED
     assert client.body == CHUNK
