@@ -64,7 +64,8 @@ BackgroundPolicy = Literal["always", "completed"]
 
 # A producer that never awaits, behind a server whose send() returns without yielding (uvicorn,
 # hypercorn), would never let the disconnect listener run. The guarded send gives the event loop a
-# turn once this many body bytes went out since the last one. A turn costs about 4 us: once per
+# turn once this many body bytes went out since the last one (a streamed body's own waits count:
+# Race.drive sees them). A turn costs about 4 us: once per
 # 64 KiB chunk that is a fifth of in-memory throughput, once per 512 KiB about 3%, for a few
 # hundred KiB more pushed into a socket whose client has just closed (none once the server said so).
 YIELD_EVERY_BYTES = 512 * 1024
@@ -471,6 +472,8 @@ class Race:
                 raise
             except BaseException as exc:
                 error = exc
+            # The loop had a turn: the guarded send's forced one can wait for the next 512 KiB.
+            self._yield_at = self.bytes_sent + YIELD_EVERY_BYTES
             if not self._sending and not guard.shield and takes_stop(guard, suspended, message, error):
                 if not self.stopped:
                     # A cancelled scope around the whole response (the server's, on trio), or the

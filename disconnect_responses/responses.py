@@ -16,9 +16,9 @@ by a test that names its number:
    A disconnect while the server holds the last message may be the end of the response: that
    send gets ``cleanup_timeout`` to return (then the response ends as a disconnect), where
    Starlette cancels it at once; hypercorn over HTTP/2 can hold it forever after a stream reset.
-3. The guarded ``send`` gives the event loop a turn every 512 KiB, so a producer that never
-   awaits cannot starve the listener and push the rest of its body into a dead socket; once the
-   disconnect is known, no further chunk is handed to the server.
+3. The guarded ``send`` gives the event loop a turn once 512 KiB went out without one, so a
+   producer that never awaits cannot starve the listener and push the rest of its body into a dead
+   socket; once the disconnect is known, no further chunk is handed to the server.
 4. The body iterator is always closed (``aclose()``, or ``close()`` in a worker thread for a sync
    iterator), shielded and bounded by ``cleanup_timeout``, before the background task starts.
    Starlette never closes a sync iterator and closes an async one only if a cancellation
