@@ -379,28 +379,38 @@ class FileTransfer:
 
         The sends run in the calling task and the read-ahead in a child task that never raises,
         so an error or a stop from ``send`` leaves the task group unwrapped, after the read in
-        flight (which the descriptor must outlive) has finished.
+        flight (which the descriptor must outlive) has finished. A body that ends before the
+        pacer can call its client fast reads nothing ahead, and needs no task group (most files
+        are small, and a task group costs more than sending one).
         """
+        if sum(end - start for _, start, end in parts) <= _FAST_AFTER:
+            await self._send_each_part(send, None, parts, closing)
+            return
         error: Exception | None = None
         async with anyio.create_task_group() as task_group:
             try:
-                for index, (header, start, end) in enumerate(parts):
-                    if header is not None:
-                        await send({"type": "http.response.body", "body": header, "more_body": True})
-                    last = closing is None and index == len(parts) - 1
-                    if not await self._send_range(send, task_group, start, end, last):
-                        return
-                    if closing is not None:
-                        await send({"type": "http.response.body", "body": b"\r\n", "more_body": True})
-                if closing is not None:
-                    await send({"type": "http.response.body", "body": closing, "more_body": False})
+                await self._send_each_part(send, task_group, parts, closing)
             except Exception as exc:
                 error = exc
                 task_group.cancel_scope.cancel()
         if error is not None:
             raise error
 
-    async def _send_range(self, send: Send, task_group: TaskGroup, start: int, end: int, last: bool) -> bool:
+    async def _send_each_part(
+        self, send: Send, task_group: TaskGroup | None, parts: Sequence[Part], closing: bytes | None
+    ) -> None:
+        for index, (header, start, end) in enumerate(parts):
+            if header is not None:
+                await send({"type": "http.response.body", "body": header, "more_body": True})
+            last = closing is None and index == len(parts) - 1
+            if not await self._send_range(send, task_group, start, end, last):
+                return
+            if closing is not None:
+                await send({"type": "http.response.body", "body": b"\r\n", "more_body": True})
+        if closing is not None:
+            await send({"type": "http.response.body", "body": closing, "more_body": False})
+
+    async def _send_range(self, send: Send, task_group: TaskGroup | None, start: int, end: int, last: bool) -> bool:
         """Send bytes ``start`` to ``end`` of the file; ``False`` if it ended before ``end``."""
         fd = self.fd
         assert fd is not None
@@ -440,6 +450,7 @@ class FileTransfer:
                 # Divergence 11: a fast client's next chunk from the disk is read while this one is
                 # sent (where the cache holds it, it is read from there: a few evicted pages must not
                 # send the rest of the file through worker threads).
+                assert task_group is not None  # for mypy: a body this long has one (_send_parts)
                 ahead = _ReadAhead(min(self.pacer.chunk_size, end - read_to))
                 task_group.start_soon(ahead.run, fd, read_to)
             for data in slices:
