@@ -329,7 +329,6 @@ class Race:
             else:
                 if self._woke_listener and cancelling(listener) > carried:
                     uncancel(listener)  # a receive() swallowed the wake-up and returned a message
-            self._listener = None
         if await wait_for_task(body_task):
             raise asyncio.CancelledError
         body_task.result()  # a BaseException the body raised (not an Exception: that is the outcome's)
