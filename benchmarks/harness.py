@@ -337,6 +337,57 @@ def requests_per_second(ports: Mapping[str, int], path: str, connections: int, s
         selector.close()
 
 
+STREAM_SKIP = 16 * MiB  # read at the start of a slice, not counted: what the socket buffers held
+
+
+def stream_rates(ports: Mapping[str, int], path: str, seconds: float) -> dict[str, float]:
+    """MB/s of one client reading a streamed body from each server, the servers taking turns.
+
+    As in ``requests_per_second``, the servers take turns in slices of ``SLICE`` seconds (ABBA)
+    until each had at least ``seconds``, so that a change in the machine's load hits them alike
+    (one download after the other saw either side's rate swing by 1.5x on the development VM).
+    A server waits on flow control while it is not read; each slice first reads ``STREAM_SKIP``
+    bytes uncounted (what the socket buffers filled with meanwhile, read at memory speed), then
+    counts for ``SLICE`` seconds. A body that ends is asked for again on the same connection.
+    """
+    request = request_bytes(path, {}, keep_alive=True)
+    socks = {name: socket.create_connection(("127.0.0.1", port), timeout=10) for name, port in ports.items()}
+    tails = dict.fromkeys(socks, b"")
+    buffer = memoryview(bytearray(MiB))
+
+    def read(name: str, until: float, limit: int) -> int:
+        sock, received = socks[name], 0
+        while received < limit and time.perf_counter() < until:
+            got = sock.recv_into(buffer)
+            if not got:
+                raise ConnectionError(f"{name} closed the connection")
+            received += got
+            tails[name] = (tails[name] + bytes(buffer[max(0, got - 7) : got]))[-7:]
+            if tails[name] == b"\r\n0\r\n\r\n":
+                sock.sendall(request)
+        return received
+
+    try:
+        for sock in socks.values():
+            sock.sendall(request)
+        for name in socks:  # warming up, not counted
+            read(name, time.perf_counter() + min(0.5, seconds / 4), 2**62)
+        counted = dict.fromkeys(socks, 0)
+        elapsed = dict.fromkeys(socks, 0.0)
+        order = list(socks)
+        while min(elapsed.values()) < seconds:
+            for name in order:
+                read(name, time.perf_counter() + 10, STREAM_SKIP)
+                started = time.perf_counter()
+                counted[name] += read(name, started + SLICE, 2**62)
+                elapsed[name] += time.perf_counter() - started
+            order.reverse()
+        return {name: counted[name] / elapsed[name] / 1e6 for name in socks}
+    finally:
+        for sock in socks.values():
+            sock.close()
+
+
 def _slice(
     selector: selectors.BaseSelector, pool: Sequence[socket.socket], request: bytes, seconds: float
 ) -> tuple[int, float]:
@@ -530,6 +581,21 @@ class Bench:
             shown = ", ".join(
                 f"{impl} {fmt(results[impl][-1][show or next(iter(results[impl][-1]))], 'x')}" for impl in impls
             )
+            self.progress(f"  {label}: run {rep + 1}/{self.repeat}: {shown}")
+        return results
+
+    def taking_turns(
+        self, label: str, unit: str, rates: Callable[[Mapping[str, int]], Mapping[str, float]]
+    ) -> dict[str, list[Mapping[str, float]]]:
+        """Run ``rates`` (the servers' ports, in the order they take turns, to their rates)
+        ``repeat`` times, alternating which server goes first; as ``paired``'s, under ``unit``."""
+        results: dict[str, list[Mapping[str, float]]] = {impl: [] for impl in IMPLS}
+        for rep in range(self.repeat):
+            order = IMPLS if rep % 2 == 0 else IMPLS[::-1]
+            measured = rates({impl: self.servers[impl].port for impl in order})
+            for impl in IMPLS:
+                results[impl].append({unit: measured[impl]})
+            shown = ", ".join(f"{impl} {measured[impl]:.0f}" for impl in IMPLS)
             self.progress(f"  {label}: run {rep + 1}/{self.repeat}: {shown}")
         return results
 

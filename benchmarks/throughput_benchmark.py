@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .harness import Bench, MiB, Row, at_least, column, ratios
+from .harness import Bench, MiB, Row, at_least, column, ratios, stream_rates
 
 RANGE_START = 12345  # an unaligned offset: the whole file but its first 12345 bytes
 
@@ -33,7 +33,8 @@ def file_rows(bench: Bench, case: str, headers: Mapping[str, str]) -> list[Row]:
 
 def stream_row(bench: Bench, case: str, kind: str, chunk: int, target: float | None) -> Row:
     path = f"/stream?kind={kind}&chunk={chunk}&size={bench.size}"
-    results = bench.paired(case, lambda impl: bench.download(bench.servers[impl], path))
+    # The two servers take turns on one client: one download after the other swings too much here.
+    results = bench.taking_turns(case, "MB/s", lambda ports: stream_rates(ports, path, bench.seconds))
     starlette, ours = column(results, "starlette", "MB/s"), column(results, "ours", "MB/s")
     vs_starlette = ratios(ours, starlette)
     if target is None:
