@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import selectors
@@ -316,25 +317,34 @@ def requests_per_second(ports: Mapping[str, int], path: str, connections: int, s
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setblocking(False)
             selector.register(sock, selectors.EVENT_READ, bytearray())
-        # The first slice of each (at most 0.5 s) warms the server up and is not counted.
-        for pool in pools.values():
-            _slice(selector, pool, request, min(0.5, seconds / 4))
-        done = dict.fromkeys(pools, 0)
-        elapsed = dict.fromkeys(pools, 0.0)
-        order = list(pools)
-        while min(elapsed.values()) < seconds:
-            for name in order:
-                replies, took = _slice(selector, pools[name], request, SLICE)
-                done[name] += replies
-                elapsed[name] += took
-            order.reverse()
-        return {name: done[name] / elapsed[name] for name in pools}
+        return _take_turns(list(pools), seconds, lambda name, length: _slice(selector, pools[name], request, length))
     finally:
         for pool in pools.values():
             for sock in pool:
                 selector.unregister(sock)
                 sock.close()
         selector.close()
+
+
+def _take_turns(
+    names: Sequence[str], seconds: float, turn: Callable[[str, float], tuple[float, float]]
+) -> dict[str, float]:
+    """What each of ``names`` counted per second, taking turns in the order ABBA until each had at
+    least ``seconds``; ``turn(name, length)`` runs one turn of about ``length`` seconds and returns
+    (what it counted, how long it took). A first turn of each (at most 0.5 s) warms the server up
+    and is not counted."""
+    for name in names:
+        turn(name, min(0.5, seconds / 4))
+    counted = dict.fromkeys(names, 0.0)
+    elapsed = dict.fromkeys(names, 0.0)
+    order = list(names)
+    while min(elapsed.values()) < seconds:
+        for name in order:
+            amount, took = turn(name, SLICE)
+            counted[name] += amount
+            elapsed[name] += took
+        order.reverse()
+    return {name: counted[name] / elapsed[name] for name in names}
 
 
 STREAM_SKIP = 16 * MiB  # read at the start of a slice, not counted: what the socket buffers held
@@ -355,7 +365,7 @@ def stream_rates(ports: Mapping[str, int], path: str, seconds: float) -> dict[st
     tails = dict.fromkeys(socks, b"")
     buffer = memoryview(bytearray(MiB))
 
-    def read(name: str, until: float, limit: int) -> int:
+    def read(name: str, until: float, limit: float) -> int:
         sock, received = socks[name], 0
         while received < limit and time.perf_counter() < until:
             got = sock.recv_into(buffer)
@@ -367,22 +377,16 @@ def stream_rates(ports: Mapping[str, int], path: str, seconds: float) -> dict[st
                 sock.sendall(request)
         return received
 
+    def turn(name: str, length: float) -> tuple[float, float]:
+        read(name, math.inf, STREAM_SKIP)  # bounded by the socket's timeout
+        started = time.perf_counter()
+        received = read(name, started + length, math.inf)
+        return received / 1e6, time.perf_counter() - started
+
     try:
         for sock in socks.values():
             sock.sendall(request)
-        for name in socks:  # warming up, not counted
-            read(name, time.perf_counter() + min(0.5, seconds / 4), 2**62)
-        counted = dict.fromkeys(socks, 0)
-        elapsed = dict.fromkeys(socks, 0.0)
-        order = list(socks)
-        while min(elapsed.values()) < seconds:
-            for name in order:
-                read(name, time.perf_counter() + 10, STREAM_SKIP)
-                started = time.perf_counter()
-                counted[name] += read(name, started + SLICE, 2**62)
-                elapsed[name] += time.perf_counter() - started
-            order.reverse()
-        return {name: counted[name] / elapsed[name] / 1e6 for name in socks}
+        return _take_turns(list(socks), seconds, turn)
     finally:
         for sock in socks.values():
             sock.close()
